@@ -1,0 +1,19 @@
+# The two entry points of the README. Both set up .venv first (seconds when it is current).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint fmt
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/hw-dq demo
+
+test: setup
+	$(PY) -m ruff check hw_dq tests benchmarks
+	$(PY) -m ruff format --check hw_dq tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+fmt: setup
+	$(PY) -m ruff format hw_dq tests benchmarks
+	$(PY) -m ruff check --fix hw_dq tests benchmarks

@@ -1,0 +1,160 @@
+"""The ``hw-dq`` command line: one verb per pipeline stage.
+
+Every user error (bad flag, unknown model, missing data, corrupt checkpoint) is printed as
+one line ``hw-dq: error: ...`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from hw_dq.errors import HwDqError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong and where to look)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"hw-dq: error: {message} (see '{self.prog} --help')\n")
+
+
+def _bits(text: str) -> int | str:
+    """Validate a bit width; 'float' stays a string so it differs from 'not given'."""
+    from hw_dq.quant import parse_bits
+
+    try:
+        bits = parse_bits(text)
+        return "float" if bits is None else bits
+    except HwDqError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("invalid bit width ", "")) from None
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from hw_dq.data import DATASETS
+    from hw_dq.lipschitz import TARGETS
+    from hw_dq.models import MODELS
+    from hw_dq.train import ADV_TRAIN, SCHEDULES
+
+    p.add_argument("--config", help="JSON config file or shipped config name (see 'hw-dq configs'); flags override it")
+    p.add_argument(
+        "--out", required=True, metavar="RUN_DIR", help="run directory to create (or continue with --resume)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODELS)
+    g.add_argument("--wbits", type=_bits, help="weight bits 1..8 or 'float'")
+    g.add_argument("--abits", type=_bits, help="activation bits 1..8 or 'float'")
+    g.add_argument("--width", type=float, help="channel multiplier (cnv/tiny) or widening factor (wrn)")
+    g.add_argument("--depth", type=int, help="WRN depth (6n+4)")
+    g = p.add_argument_group("defensive quantization")
+    g.add_argument("--beta", type=float, help="Lipschitz regularisation strength (0 = vanilla quantization)")
+    g.add_argument("--lipschitz-target", choices=TARGETS, help="regularise W ('weight') or BN-folded W")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--init-from", metavar="RUN_DIR", help="start from another run's weights (e.g. an FP run)")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATASETS, help="dataset (default: the embedded CIFAR-10 sample)")
+    g.add_argument("--data-dir", help="local copy of the dataset")
+    g.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
+    g.add_argument("--train-subset", type=int, metavar="N", help="train on N examples only")
+    g.add_argument("--test-subset", type=int, metavar="N", help="evaluate each epoch on N test examples")
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv-train", choices=ADV_TRAIN)
+    g.add_argument("--adv-eps", type=float, help="Linf eps in units of 1/255")
+    g.add_argument("--adv-steps", type=int, help="PGD steps")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+TRAIN_KEYS = (
+    "model", "wbits", "abits", "width", "depth", "beta", "lipschitz_target", "epochs", "batch_size",
+    "lr", "weight_decay", "schedule", "seed", "init_from", "checkpoint_every", "device", "data",
+    "data_dir", "download", "train_subset", "test_subset", "adv_train", "adv_eps", "adv_steps",
+)  # fmt: skip
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from hw_dq.config import load_config
+    from hw_dq.train import train
+
+    overrides = {k: getattr(a, k) for k in TRAIN_KEYS}
+    cfg = load_config(a.config, **overrides)
+    row = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
+    if row:
+        print(f"done: {a.out} (test accuracy {100 * row.get('test_acc', 0):.2f}%)")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from hw_dq.demo import run_demo
+
+    run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet)
+    return 0
+
+
+def cmd_lipschitz(a: argparse.Namespace) -> int:
+    from hw_dq import lipschitz
+    from hw_dq.rundir import load_model
+
+    model, _ = load_model(a.run_dir)
+    print(lipschitz.table(lipschitz.report(model)))
+    return 0
+
+
+def cmd_configs(_a: argparse.Namespace) -> int:
+    from hw_dq.config import shipped_configs
+
+    for name, about in shipped_configs().items():
+        print(f"{name:18s} {about}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hw-dq", description="Defensive Quantization for FPGAs: train, attack, export, build.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="quantization-aware training (FP / VQ / DQ)")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+    d = sub.add_parser("demo", help="VQ vs DQ on the embedded CIFAR-10 sample (a few minutes on a CPU)")
+    d.add_argument("--out", default="runs/demo", help="directory for the two run directories")
+    d.add_argument("--epochs", type=int, help="epochs per model (default: the demo config's)")
+    d.add_argument("--n", type=int, default=500, help="test images to evaluate")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    lp = sub.add_parser("lipschitz", help="per-layer operator norms (BN folded) of a trained run")
+    lp.add_argument("run_dir")
+    lp.set_defaults(func=cmd_lipschitz)
+    c = sub.add_parser("configs", help="list the shipped training configs")
+    c.set_defaults(func=cmd_configs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except HwDqError as e:
+        print(f"hw-dq: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hw-dq: interrupted (a run directory can be continued with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The Defensive Quantization regulariser and a diagnostic of what it claims to control.
+
+Regulariser (Lin, Gan, Han 2019): ``(beta / 2) * sum_l ||W_l^T W_l - I||_F^2`` over every
+conv and linear layer, conv weights reshaped to ``out x (in * k * k)``. We use the smaller
+of the two Gram matrices (``W W^T`` when the layer has fewer outputs than inputs): the two
+penalties differ by a constant, so their gradients are equal, and only the smaller one can
+reach zero. ``target="bn_folded"`` applies it to ``diag(gamma / sqrt(var + eps)) W``, the
+operator the layer and its BatchNorm compute at inference (see the README for why).
+
+Diagnostic: each layer's spectral norm as an operator on its actual input shape (power
+iteration on the convolution, with stride and padding, not on the reshaped matrix), on the
+weights the hardware uses (quantized) with BatchNorm's per-channel gain folded in, and the
+network's Lipschitz bound composed from them. No library computes the operator norm of a
+quantized, BN-folded Brevitas layer, hence the hand-written power iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+TARGETS = ("weight", "bn_folded")
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A conv/linear layer and the BatchNorm that directly follows it (if any)."""
+
+    name: str
+    layer: nn.Module
+    bn: nn.Module | None
+
+
+def lipschitz_layers(model: nn.Module) -> list[LayerRef]:
+    """Every conv/linear layer, paired with the BatchNorm registered right after it."""
+    atoms: list[tuple[str, nn.Module]] = []
+    inside = ()  # names of conv/linear layers whose submodules (Brevitas proxies) to skip
+    for n, m in model.named_modules():
+        if inside and n.startswith(inside):
+            continue
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            atoms.append((n, m))
+            inside = (*inside, n + ".")
+        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) or not list(m.children()):
+            atoms.append((n, m))
+    leaves = atoms
+    refs = []
+    for i, (name, m) in enumerate(leaves):
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            bn = None
+            nxt = leaves[i + 1][1] if i + 1 < len(leaves) else None
+            if isinstance(nxt, nn.BatchNorm1d | nn.BatchNorm2d) and nxt.num_features == m.weight.shape[0]:
+                bn = nxt
+            refs.append(LayerRef(name, m, bn))
+    return refs
+
+
+def bn_gain(bn: nn.Module | None, like: torch.Tensor) -> torch.Tensor | None:
+    """BatchNorm's inference-time per-channel gain ``gamma / sqrt(running_var + eps)``."""
+    if bn is None:
+        return None
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    return gamma / torch.sqrt(bn.running_var + bn.eps).to(like)
+
+
+def orthogonality_residual(w: torch.Tensor) -> torch.Tensor:
+    """``||G - I||_F^2`` with G the smaller Gram matrix of w reshaped to out x rest."""
+    m = w.reshape(w.shape[0], -1)
+    gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).pow(2).sum()
+
+
+def orthogonality_penalty(model: nn.Module, target: str = "weight") -> torch.Tensor:
+    """``sum_l ||W_l^T W_l - I||_F^2`` on the float weights (differentiable)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown Lipschitz target {target!r}; choose one of {TARGETS}")
+    total = None
+    for ref in lipschitz_layers(model):
+        w = ref.layer.weight
+        if target == "bn_folded" and ref.bn is not None:
+            g = bn_gain(ref.bn, w)
+            w = w * g.reshape(-1, *([1] * (w.dim() - 1)))
+        r = orthogonality_residual(w)
+        total = r if total is None else total + r
+    if total is None:
+        return torch.zeros(())
+    return total
+
+
+def regulariser(model: nn.Module, beta: float, target: str = "weight") -> torch.Tensor:
+    """``(beta / 2) * orthogonality_penalty`` (zero tensor, no graph, when beta == 0)."""
+    if beta == 0:
+        return torch.zeros(())
+    return 0.5 * beta * orthogonality_penalty(model, target)
+
+
+def effective_weight(layer: nn.Module, quantized: bool = True) -> torch.Tensor:
+    """The weight the layer computes with: Brevitas' quantized value where it has one."""
+    proxy = getattr(layer, "weight_quant", None)
+    if quantized and proxy is not None and proxy.is_quant_enabled:
+        return layer.quant_weight().value.detach()
+    return layer.weight.detach()
+
+
+def _apply(layer: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, w)
+
+
+def operator_norm(
+    layer: nn.Module,
+    w: torch.Tensor,
+    in_shape: tuple[int, ...],
+    iters: int = 100,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> float:
+    """Largest singular value of the (bias-free) linear map ``x -> layer(x; w)``.
+
+    ``in_shape`` is one input's shape (C, H, W for a conv, features for a linear layer).
+    The transpose is applied through autograd, so stride and padding are exact.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn((1, *in_shape), generator=gen).to(w)
+    v /= v.norm()
+    sigma = 0.0
+    for _ in range(iters):
+        v.requires_grad_(True)
+        u = _apply(layer, w, v)
+        (vt,) = torch.autograd.grad(u, v, grad_outputs=u)
+        new_sigma = math.sqrt(float((u.detach() ** 2).sum()))
+        v = vt.detach()
+        nv = v.norm()
+        if nv == 0:
+            return 0.0
+        v = v / nv
+        if abs(new_sigma - sigma) <= tol * max(new_sigma, 1e-12):
+            sigma = new_sigma
+            break
+        sigma = new_sigma
+    return sigma
+
+
+@dataclass
+class LayerLipschitz:
+    """One row of the diagnostic table."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    norm_float: float  # ||W|| as an operator, float weights, no BN
+    norm_quant: float  # same, quantized weights
+    bn_gain_max: float  # max |gamma / sqrt(var + eps)| (1 without BN)
+    norm_folded: float  # quantized weights with BN folded in: what inference computes
+    ortho_residual: float  # ||G - I||_F^2 of the float weights (the regularised quantity)
+
+
+def input_shapes(model: nn.Module, sample_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-layer input shape (without batch), recorded by one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for ref in lipschitz_layers(model):
+
+        def hook(_m, inp, _out, name=ref.name):
+            shapes[name] = tuple(inp[0].shape[1:])
+
+        hooks.append(ref.layer.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.full((1, *sample_shape), 0.5, dtype=p.dtype, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def diagnose(model: nn.Module, sample_shape: tuple[int, ...] = (3, 32, 32), iters: int = 300) -> list[LayerLipschitz]:
+    """Operator norms of every conv/linear layer, float, quantized and BN-folded."""
+    shapes = input_shapes(model, sample_shape)
+    rows = []
+    with torch.no_grad():
+        for ref in lipschitz_layers(model):
+            layer = ref.layer
+            shape = shapes[ref.name]
+            wf = layer.weight.detach()
+            wq = effective_weight(layer)
+            g = bn_gain(ref.bn, wq)
+            wfold = wq if g is None else wq * g.detach().reshape(-1, *([1] * (wq.dim() - 1)))
+            with torch.enable_grad():
+                nf = operator_norm(layer, wf, shape, iters, tol=1e-7)
+                nq = operator_norm(layer, wq, shape, iters, tol=1e-7) if wq is not wf else nf
+                nfold = operator_norm(layer, wfold, shape, iters, tol=1e-7) if g is not None else nq
+            rows.append(
+                LayerLipschitz(
+                    name=ref.name,
+                    kind="conv" if isinstance(layer, nn.Conv2d) else "linear",
+                    shape=list(wf.shape),
+                    norm_float=nf,
+                    norm_quant=nq,
+                    bn_gain_max=1.0 if g is None else float(g.abs().max()),
+                    norm_folded=nfold,
+                    ortho_residual=float(orthogonality_residual(wf)),
+                )
+            )
+    return rows
+
+
+def network_bound(model: nn.Module, rows: list[LayerLipschitz]) -> float:
+    """Upper bound on the network's Lipschitz constant from the BN-folded layer norms.
+
+    Activations (ReLU6), max- and average-pooling are 1-Lipschitz; a model may provide
+    ``lipschitz_bound(norms)`` for non-chain topologies (residual blocks).
+    """
+    norms = {r.name: r.norm_folded for r in rows}
+    if hasattr(model, "lipschitz_bound"):
+        return float(model.lipschitz_bound(norms))
+    return float(math.prod(norms.values()))
+
+
+def mean_norm(rows: list[LayerLipschitz]) -> float:
+    return sum(r.norm_folded for r in rows) / max(1, len(rows))
+
+
+def report(model: nn.Module, sample_shape: tuple[int, ...] = (3, 32, 32), iters: int = 300) -> dict:
+    """The diagnostic as a JSON-serialisable dict (layers, bound, mean norm)."""
+    rows = diagnose(model, sample_shape, iters)
+    return {
+        "layers": [asdict(r) for r in rows],
+        "network_bound": network_bound(model, rows),
+        "mean_norm_folded": mean_norm(rows),
+        "note": "norm_folded = spectral norm of the quantized conv/linear operator on its "
+        "input shape with BatchNorm's inference gain folded in",
+    }
+
+
+def table(rep: dict) -> str:
+    """Markdown table of :func:`report`'s output."""
+    lines = [
+        "| layer | kind | weight shape | ||W|| float | ||W|| quant | max BN gain | ||BN(W)|| quant | ||G-I||^2 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rep["layers"]:
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['norm_float']:.3f} "
+            f"| {r['norm_quant']:.3f} | {r['bn_gain_max']:.3f} | {r['norm_folded']:.3f} "
+            f"| {r['ortho_residual']:.3g} |"
+        )
+    lines.append("")
+    lines.append(f"Network Lipschitz bound (product / composition of BN-folded norms): {rep['network_bound']:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Model zoo on Brevitas layers, behind :func:`create_model`.
+
+* ``cnv``  - the FINN-friendly VGG-like CNV of Brevitas' bnn_pynq examples: six 3x3
+  convolutions (64, 64, 128, 128, 256, 256 channels x ``width``, no padding, max-pool
+  after the 2nd and 4th) and three fully connected layers (512, 512, classes).
+* ``wrn``  - Wide ResNet (depth 6n+4, widening factor ``width``) whose residual blocks are
+  the convex combination ``lam * shortcut(x) + (1 - lam) * f(x)`` (as in Parseval networks),
+  so a block is non-expansive whenever both branches are.
+* ``tiny`` - two convolutions and one classifier, for fast tests.
+
+Every conv/linear is directly followed by its BatchNorm (or nothing), which is what
+:mod:`hw_dq.lipschitz` relies on to fold BatchNorm into the layer's operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hw_dq.errors import ConfigError
+from hw_dq.quant import QuantSpec
+
+MODELS = ("cnv", "wrn", "tiny")
+
+
+def _ch(c: int, width: float) -> int:
+    return max(1, round(c * width))
+
+
+class CNV(nn.Module):
+    """Brevitas bnn_pynq CNV topology with a width multiplier."""
+
+    CONV = (64, 64, 128, 128, 256, 256)
+    POOL_AFTER = (1, 3)
+    FC = (512, 512)
+
+    def __init__(self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3):
+        super().__init__()
+        self.input_quant = spec.input_quant()
+        layers: list[nn.Module] = []
+        cin = in_ch
+        for i, c in enumerate(self.CONV):
+            cout = _ch(c, width)
+            layers += [spec.conv(cin, cout, 3), nn.BatchNorm2d(cout), spec.act()]
+            if i in self.POOL_AFTER:
+                layers.append(nn.MaxPool2d(2))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        fc: list[nn.Module] = []
+        for f in self.FC:
+            fout = _ch(f, width)
+            fc += [spec.linear(cin, fout), nn.BatchNorm1d(fout), spec.act()]
+            cin = fout
+        fc.append(spec.linear(cin, num_classes))
+        self.classifier = nn.Sequential(*fc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.input_quant(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class Tiny(nn.Module):
+    """Two 3x3 convolutions with max-pooling and one classifier (fast tests)."""
+
+    def __init__(self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3):
+        super().__init__()
+        c1, c2 = _ch(16, width), _ch(32, width)
+        self.input_quant = spec.input_quant()
+        self.features = nn.Sequential(
+            spec.conv(in_ch, c1, 3), nn.BatchNorm2d(c1), spec.act(), nn.MaxPool2d(2),
+            spec.conv(c1, c2, 3), nn.BatchNorm2d(c2), spec.act(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(spec.linear(c2 * 6 * 6, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.input_quant(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class ConvexBlock(nn.Module):
+    """``act(lam * shortcut(x) + (1 - lam) * bn2(conv2(act(bn1(conv1(x))))))``."""
+
+    def __init__(self, spec: QuantSpec, cin: int, cout: int, stride: int, lam: float):
+        super().__init__()
+        self.lam = lam
+        self.branch = nn.Sequential(
+            spec.conv(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), spec.act(),
+            spec.conv(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(spec.conv(cin, cout, 1, stride, 0), nn.BatchNorm2d(cout))
+        self.act = spec.act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lam * self.shortcut(x) + (1.0 - self.lam) * self.branch(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width with convex-combination residual blocks and post-activation."""
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        num_classes: int = 10,
+        width: float = 10,
+        depth: int = 28,
+        in_ch: int = 3,
+        lam: float = 0.5,
+    ):
+        super().__init__()
+        if (depth - 4) % 6 or depth < 10:
+            raise ConfigError(f"invalid WRN depth {depth}: use 6n+4 with n >= 1 (10, 16, 22, 28, ...)")
+        if not 0.0 < lam < 1.0:
+            raise ConfigError(f"invalid residual lambda {lam}: use a value in (0, 1)")
+        n = (depth - 4) // 6
+        widths = [16, _ch(16, width), _ch(32, width), _ch(64, width)]
+        self.input_quant = spec.input_quant()
+        self.stem = nn.Sequential(spec.conv(in_ch, widths[0], 3, 1, 1), nn.BatchNorm2d(widths[0]), spec.act())
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for stage, stride in zip(range(1, 4), (1, 2, 2), strict=True):
+            for i in range(n):
+                blocks.append(ConvexBlock(spec, cin, widths[stage], stride if i == 0 else 1, lam))
+                cin = widths[stage]
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(spec.linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(self.input_quant(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def lipschitz_bound(self, norms: dict[str, float]) -> float:
+        """Compose per-layer norms: chain through stem and blocks, convex sum per block."""
+        bound = norms["stem.0"]
+        for i, block in enumerate(self.blocks):
+            pre = f"blocks.{i}."
+            branch = norms[pre + "branch.0"] * norms[pre + "branch.3"]
+            sc = norms.get(pre + "shortcut.0", 1.0) if not isinstance(block.shortcut, nn.Identity) else 1.0
+            bound *= block.lam * sc + (1.0 - block.lam) * branch
+        return bound * norms["classifier.0"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in each run directory)."""
+
+    name: str = "cnv"
+    wbits: int | None = 2
+    abits: int | None = 2
+    width: float | None = None
+    depth: int = 28
+    residual_lambda: float = 0.5
+    num_classes: int = 10
+    in_channels: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def create_model(
+    name: str,
+    wbits: int | None,
+    abits: int | None,
+    *,
+    width: float | None = None,
+    depth: int = 28,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    residual_lambda: float = 0.5,
+) -> nn.Module:
+    """Build a model; ``wbits``/``abits`` = None for full precision (quantizers off).
+
+    ``width`` defaults to 1.0 for ``cnv``/``tiny`` and 10 for ``wrn``.
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    spec = QuantSpec(wbits, abits)
+    if width is not None and width <= 0:
+        raise ConfigError(f"invalid width {width}: must be positive")
+    if name == "cnv":
+        return CNV(spec, num_classes, 1.0 if width is None else width, in_channels)
+    if name == "tiny":
+        return Tiny(spec, num_classes, 1.0 if width is None else width, in_channels)
+    return WideResNet(spec, num_classes, 10 if width is None else width, depth, in_channels, residual_lambda)
+
+
+def model_from_config(cfg: ModelConfig) -> nn.Module:
+    return create_model(
+        cfg.name, cfg.wbits, cfg.abits, width=cfg.width, depth=cfg.depth,
+        num_classes=cfg.num_classes, in_channels=cfg.in_channels,
+        residual_lambda=cfg.residual_lambda,
+    )  # fmt: skip
+
+
+def layer_names(model: nn.Module, kinds: Sequence[type] = (nn.Conv2d, nn.Linear)) -> list[str]:
+    """Names of the conv/linear layers, in execution order for the models here."""
+    return [n for n, m in model.named_modules() if isinstance(m, tuple(kinds))]

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hw_dq import rundir as rd
+from hw_dq.errors import CheckpointError, ConfigError
+from hw_dq.train import TrainConfig, perturb, train
+
+from .conftest import ROOT
+
+SMALL = dict(model="tiny", train_subset=256, test_subset=128, batch_size=64, epochs=1, lr=0.05)
+
+
+@pytest.mark.parametrize(
+    "wbits, abits, beta, mode",
+    [(None, None, 0.0, "FP"), (2, 2, 0.0, "VQ"), (2, 2, 1e-3, "DQ"), (4, 1, 1e-3, "DQ")],
+)
+def test_fp_vq_dq_train_and_write_run_dir(tmp_path, wbits, abits, beta, mode):
+    cfg = TrainConfig(**SMALL, wbits=wbits, abits=abits, beta=beta)
+    assert cfg.mode == mode
+    row = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for f in (
+        "config.json",
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "metrics.jsonl",
+        "lipschitz.json",
+        "lipschitz.md",
+    ):
+        assert (run / f).is_file(), f
+    assert set(row) >= {"loss", "ce", "reg", "train_acc", "test_acc", "mean_op_norm"}
+    assert (row["reg"] > 0) == (beta > 0)
+    assert row["loss"] == pytest.approx(row["ce"] + row["reg"], rel=1e-5)
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["mode"] == mode and conf["model"]["wbits"] == wbits
+    model, _ = rd.load_model(run)
+    assert not model.training
+
+
+def test_dq_regulariser_reduces_orthogonality_residual(tmp_path):
+    base = dict(SMALL, epochs=2, wbits=2, abits=2)
+    vq = train(TrainConfig(**base, beta=0.0), tmp_path / "vq", progress=False)
+    dq = train(TrainConfig(**base, beta=0.3), tmp_path / "dq", progress=False)
+    rv = json.loads((tmp_path / "vq" / "lipschitz.json").read_text())["layers"]
+    rq = json.loads((tmp_path / "dq" / "lipschitz.json").read_text())["layers"]
+    assert sum(r["ortho_residual"] for r in rq) < 0.5 * sum(r["ortho_residual"] for r in rv)
+    assert vq["reg"] == 0 and dq["reg"] > 0
+
+
+@pytest.mark.parametrize("kind", ["pgd", "fgsm"])
+def test_adversarial_examples_respect_eps_and_box(kind):
+    from hw_dq.data import load_split
+    from hw_dq.models import create_model
+
+    cfg = TrainConfig(**SMALL, wbits=2, abits=2, adv_train=kind, adv_eps=8, adv_steps=3)
+    model = create_model("tiny", 2, 2)
+    x, y = load_split("sample", "test").take(32).tensors()
+    before = [b.clone() for b in model.buffers()]
+    xa = perturb(model, x, y, cfg, torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= 8 / 255 + 1e-6
+    assert xa.min() >= 0 and xa.max() <= 1
+    assert (xa != x).any()
+    # BatchNorm running statistics are untouched by the attack's forward passes
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+
+
+def test_adversarial_training_runs(tmp_path):
+    row = train(TrainConfig(**SMALL, wbits=2, abits=2, beta=1e-3, adv_train="fgsm"), tmp_path / "r", progress=False)
+    assert row["epoch"] == 0
+
+
+def test_existing_run_needs_resume(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(TrainConfig(**SMALL), tmp_path / "r", progress=False)
+    # resuming a finished run is a no-op that returns its last metrics
+    assert train(TrainConfig(**SMALL), tmp_path / "r", resume=True, progress=False)["epoch"] == 0
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path / "r", progress=False)
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt or not a safetensors"):
+        rd.load_model(tmp_path / "r")
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="beta"):
+        TrainConfig(beta=-1)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        TrainConfig.from_dict({"modle": "cnv"})
+
+
+def _train_cmd(out, *extra):
+    return [
+        sys.executable, "-m", "hw_dq.cli", "train", "--model", "tiny", "--wbits", "2", "--abits", "2",
+        "--beta", "1e-3", "--epochs", "3", "--batch-size", "32", "--train-subset", "512",
+        "--test-subset", "64", "--checkpoint-every", "4", "--seed", "3", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(_train_cmd(victim), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = victim / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a mid-training checkpoint (epoch 1 or later)
+        if ckpt.is_file():
+            try:
+                _, meta = rd.load_tensors(ckpt)
+                if meta["epoch"] >= 1 and not meta["done"]:
+                    break
+            except CheckpointError:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "model.safetensors").exists(), "the run finished before it could be killed"
+    res = subprocess.run(_train_cmd(victim, "--resume"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    rows = rd.read_jsonl(victim / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+def test_ddp_two_cpu_processes_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # the run directory is written once (by rank 0) and is complete
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert len(rd.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
