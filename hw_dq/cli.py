@@ -7,6 +7,7 @@ one line ``hw-dq: error: ...`` and exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,9 @@ from collections.abc import Callable, Sequence
 from hw_dq.errors import HwDqError
 
 EXIT_USAGE = 2
+# Each later pipeline stage adds its verbs in its own module: register(subparsers) adds
+# sub-parsers whose ``func(args) -> int`` raises HwDqError for user errors.
+VERB_MODULES: tuple[str, ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.set_defaults(func=cmd_lipschitz)
     c = sub.add_parser("configs", help="list the shipped training configs")
     c.set_defaults(func=cmd_configs)
+    for module in VERB_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
