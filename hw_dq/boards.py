@@ -1,0 +1,154 @@
+"""FPGA boards as data: one JSON file per board; adding a board is adding a file.
+
+Each file (``boards/<Name>.json``) holds::
+
+    {"name": "Pynq-Z1", "finn_board": "Pynq-Z1", "part": "xc7z020clg400-1",
+     "resources": {"LUT": 53200, "FF": 106400, "BRAM_18K": 280, "URAM": 0, "DSP": 220},
+     "clock_mhz": 100, "shell_flow": "vivado_zynq", "vitis_platform": null, "notes": "..."}
+
+Board folders, later ones overriding earlier ones by name: the repository's ``boards/``
+(next to the package), then every folder in ``$HW_DQ_BOARDS_DIR`` (``os.pathsep``-separated),
+then an explicit ``boards_dir`` (``--boards-dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hw_dq.errors import HwDqError
+
+RESOURCES = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
+SHELL_FLOWS = ("vivado_zynq", "vitis_alveo")
+# FINN's recommended utilisation limits for timing closure (finn.util.platforms.DEFAULT_RES_LIMITS).
+UTIL_LIMITS = {"LUT": 0.70, "FF": 0.50, "BRAM_18K": 0.80, "URAM": 0.80, "DSP": 0.80}
+ENV_VAR = "HW_DQ_BOARDS_DIR"
+REPO_BOARDS = Path(__file__).resolve().parents[1] / "boards"
+
+
+class BoardError(HwDqError):
+    """A board file is malformed, or a board name is unknown."""
+
+
+@dataclass(frozen=True)
+class Board:
+    """One FPGA board as FINN needs it."""
+
+    name: str
+    finn_board: str
+    part: str
+    resources: dict[str, int]
+    clock_mhz: float
+    shell_flow: str
+    vitis_platform: str | None = None
+    notes: str = ""
+    source: str = ""
+
+    def limits(self) -> dict[str, float]:
+        """Resources FINN recommends not to exceed (capacity x utilisation limit)."""
+        return {k: self.resources[k] * UTIL_LIMITS[k] for k in RESOURCES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fail(path: Path, field: str, why: str) -> BoardError:
+    return BoardError(f"board file {path}: field '{field}' {why}")
+
+
+def parse_board(data: Any, path: Path) -> Board:
+    """Validate one board file's content; errors name the file and the bad field."""
+    if not isinstance(data, dict):
+        raise BoardError(f"board file {path}: expected a JSON object")
+    for key in ("name", "finn_board", "part"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise _fail(path, key, "is missing or not a non-empty string")
+    res = data.get("resources")
+    if not isinstance(res, dict):
+        raise _fail(path, "resources", f"is missing or not an object with {', '.join(RESOURCES)}")
+    for k in RESOURCES:
+        v = res.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _fail(path, f"resources.{k}", f"must be a non-negative integer (got {v!r})")
+    extra = set(res) - set(RESOURCES)
+    if extra:
+        raise _fail(path, f"resources.{sorted(extra)[0]}", f"is not a known resource ({', '.join(RESOURCES)})")
+    if res["LUT"] == 0:
+        raise _fail(path, "resources.LUT", "must be positive")
+    clk = data.get("clock_mhz")
+    if isinstance(clk, bool) or not isinstance(clk, int | float) or not 1 <= clk <= 1000:
+        raise _fail(path, "clock_mhz", f"must be a number of MHz in 1..1000 (got {clk!r})")
+    flow = data.get("shell_flow")
+    if flow not in SHELL_FLOWS:
+        raise _fail(path, "shell_flow", f"must be one of {', '.join(SHELL_FLOWS)} (got {flow!r})")
+    plat = data.get("vitis_platform")
+    if plat is not None and not isinstance(plat, str):
+        raise _fail(path, "vitis_platform", "must be a string or null")
+    if flow == "vitis_alveo" and not plat:
+        raise _fail(path, "vitis_platform", "is required for the vitis_alveo shell flow")
+    known = {"name", "finn_board", "part", "resources", "clock_mhz", "shell_flow", "vitis_platform", "notes"}
+    unknown = set(data) - known
+    if unknown:
+        raise _fail(path, sorted(unknown)[0], f"is not a board field ({', '.join(sorted(known))})")
+    return Board(
+        name=data["name"], finn_board=data["finn_board"], part=data["part"],
+        resources={k: int(res[k]) for k in RESOURCES}, clock_mhz=float(clk), shell_flow=flow,
+        vitis_platform=plat, notes=str(data.get("notes", "")), source=str(path),
+    )  # fmt: skip
+
+
+def load_board_file(path: str | Path) -> Board:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BoardError(f"board file {path} cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise BoardError(f"board file {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    return parse_board(data, path)
+
+
+def board_dirs(boards_dir: str | Path | None = None) -> list[Path]:
+    """Folders searched for board files, lowest priority first."""
+    dirs = [REPO_BOARDS]
+    dirs += [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    if boards_dir is not None:
+        if not Path(boards_dir).is_dir():
+            raise BoardError(f"boards folder {boards_dir} does not exist")
+        dirs.append(Path(boards_dir))
+    return [d for d in dirs if d.is_dir()]
+
+
+def load_boards(boards_dir: str | Path | None = None) -> dict[str, Board]:
+    """All boards by name (every file validated)."""
+    boards: dict[str, Board] = {}
+    for d in board_dirs(boards_dir):
+        for f in sorted(d.glob("*.json")):
+            b = load_board_file(f)
+            boards[b.name] = b
+    if not boards:
+        raise BoardError(f"no board files found (looked in {REPO_BOARDS} and ${ENV_VAR})")
+    return boards
+
+
+def get_board(name: str, boards_dir: str | Path | None = None) -> Board:
+    """Look a board up by name or FINN board name (case-insensitive)."""
+    boards = load_boards(boards_dir)
+    key = name.strip().lower().replace("alveo ", "").replace("alveo-", "")
+    for b in boards.values():
+        if key in (b.name.lower(), b.finn_board.lower()):
+            return b
+    raise BoardError(f"unknown board {name!r}; known boards: {', '.join(boards)} (add one as a JSON file in boards/)")
+
+
+def boards_table(boards: dict[str, Board]) -> str:
+    """A plain-text table of boards and their resources."""
+    head = f"{'board':12s} {'FINN name':11s} {'part':22s} " + " ".join(f"{k:>9s}" for k in RESOURCES)
+    rows = [head + "  clock  shell"]
+    for b in boards.values():
+        res = " ".join(f"{b.resources[k]:9d}" for k in RESOURCES)
+        rows.append(f"{b.name:12s} {b.finn_board:11s} {b.part:22s} {res}  {b.clock_mhz:4.0f}M  {b.shell_flow}")
+    return "\n".join(rows)
