@@ -1,0 +1,494 @@
+"""Build stage: a FINN dataflow accelerator for a board, from the exported QONNX model.
+
+Runs FINN's own build steps in-process (qonnx_to_finn, tidy_up, streamline, convert_to_hw,
+create_dataflow_partition, specialize_layers, folding, minimize_bit_width, estimate reports),
+with FINN's python verification steps on real sample images, then writes a bitstream-ready
+build folder::
+
+    BUILD_DIR/
+      report.json / report.md     est. FPS, latency, per-layer + total resources vs the board
+      dataflow_model.onnx         folded FINN dataflow model (input of HW code generation)
+      dataflow_parent.onnx        the parent graph (input transpose + the dataflow partition)
+      folding_config.json         the folding (PE/SIMD/...) that was chosen
+      build_config.json           FINN DataflowBuildConfig: HW codegen -> bitfile, driver, package
+      sample_input.npy / sample_output.npy   verification vectors for the continuation
+      finn/                       FINN's own output (report/, intermediate_models/, verification_output/)
+
+Folding: ``target_fps``, or ``fit``: the highest throughput whose FINN resource estimate stays
+within FINN's recommended utilisation of the board, searched over FINN's SetFolding targets.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hw_dq import finn_compat
+from hw_dq import rundir as rd
+from hw_dq.boards import RESOURCES, Board, get_board
+from hw_dq.errors import HwDqError
+
+QUANT_OPS = ("Quant", "BipolarQuant", "BinaryQuant", "Trunc", "MultiThreshold")
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+ESTIMATE_STEPS = (
+    "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+    "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
+)  # fmt: skip
+BITSTREAM_STEPS = [
+    "step_assign_ddr_weight_offsets", "step_generate_hardware", "step_create_stitched_ip",
+    "step_measure_rtlsim_performance", "step_prepare_synthesis", "step_synthesize_bitfile",
+    "step_make_driver", "step_deployment_package",
+]  # fmt: skip
+HW_ATTRS = [
+    "PE", "SIMD", "parallel_window", "ram_style", "ram_style_thresholds", "resType", "mem_mode",
+    "runtime_writeable_weights", "depth", "impl_style", "preferred_impl_style",
+]  # fmt: skip
+ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")  # FINN's analytical estimate has no FF figure
+
+
+class BuildError(HwDqError):
+    """The model cannot be built by FINN (not QONNX, float, unmappable, does not streamline)."""
+
+
+# ---------------------------------------------------------------- input validation
+def load_qonnx(path: str | Path) -> Any:
+    """Load and check a QONNX file: one-line errors for missing, truncated, non-QONNX, float."""
+    import onnx
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"{path} not found; run 'hw-dq export RUN_DIR' first")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:  # protobuf DecodeError, checker errors: all mean "not a usable ONNX file"
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise BuildError(f"{path} is not a valid ONNX file (truncated or corrupt: {why})") from None
+    model = ModelWrapper(proto)
+    ops = [n.op_type for n in model.graph.node]
+    if not any(op in QUANT_OPS for op in ops):
+        raise BuildError(
+            f"{path} is not a QONNX model (no Quant/BipolarQuant nodes: float weights and activations); "
+            "FINN maps only quantized models - export a quantized run with 'hw-dq export'"
+        )
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and model.get_initializer(node.input[1]) is not None:
+            raise BuildError(
+                f"layer {node.name} ({node.op_type}) has float weights (no weight quantizer); "
+                "FINN needs integer weights - train with an integer --wbits"
+            )
+    return model
+
+
+def _finn_error(step: str, e: Exception) -> BuildError:
+    msg = " ".join(str(e).split())[:300] or type(e).__name__
+    return BuildError(f"FINN step {step.removeprefix('step_')} failed: {msg}")
+
+
+def _reason(model: Any, node: Any) -> str:
+    dyn = [i for i in node.input if model.get_initializer(i) is None]
+    if node.op_type in ("Add", "Sub") and len(dyn) == 2:
+        return (
+            "a residual add of two streams FINN could not map (an AddStreams layer needs both "
+            "branches to arrive as integers with the same quantization scale)"
+        )
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
+        return "a float scale/bias that streamlining could not absorb into a threshold (the topology does not streamline)"
+    if node.op_type == "MultiThreshold":
+        return "a quantized activation whose input is not an integer stream (the topology does not streamline)"
+    return f"op {node.op_type} has no FINN hardware layer"
+
+
+def check_mapped(model: Any) -> None:
+    """After convert_to_hw every node must be a HW layer, except the input NCHW->NHWC transpose."""
+    gin = model.graph.input[0].name
+    for node in model.graph.node:
+        if node.domain.startswith("finn.custom_op.fpgadataflow"):
+            continue
+        if node.op_type == "Transpose" and node.input[0] == gin:
+            continue
+        raise BuildError(f"layer {node.name} ({node.op_type}) cannot be mapped to FINN hardware: {_reason(model, node)}")
+
+
+# ---------------------------------------------------------------- FINN plumbing
+def _finn_config(board: Board, out: Path, clock_mhz: float, vin: Path, vout: Path, **kw: Any) -> Any:
+    from finn.builder import build_dataflow_config as bc
+
+    cfg = bc.DataflowBuildConfig(
+        output_dir=str(out), synth_clk_period_ns=1000.0 / clock_mhz, board=board.finn_board,
+        fpga_part=board.part, shell_flow_type=bc.ShellFlowType(board.shell_flow),
+        vitis_platform=board.vitis_platform, generate_outputs=[bc.DataflowOutputType.ESTIMATE_REPORTS],
+        verify_input_npy=str(vin), verify_expected_output_npy=str(vout), **kw,
+    )  # fmt: skip
+    for d in (cfg.get_report_directory(), cfg.get_intermediate_models_directory(), cfg.get_verification_output_directory()):
+        Path(d).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def _estimate(model: Any, part: str, clk_ns: float) -> dict[str, Any]:
+    from finn.analysis.fpgadataflow.exp_cycles_per_layer import exp_cycles_per_layer
+    from finn.analysis.fpgadataflow.res_estimation import res_estimation
+
+    res = model.analysis(partial(res_estimation, fpgapart=part))
+    cycles = model.analysis(exp_cycles_per_layer)
+    total = {k: float(sum(float(r.get(k, 0)) for r in res.values())) for k in ESTIMATED}
+    worst = max(cycles, key=lambda k: cycles[k])
+    return {"layers": res, "cycles": cycles, "total": total, "max_cycles": int(cycles[worst]),
+            "bottleneck": worst, "fps": 1e9 / clk_ns / max(1, cycles[worst])}  # fmt: skip
+
+
+def _fits(total: dict[str, float], board: Board) -> dict[str, bool]:
+    lim = board.limits()
+    return {k: total.get(k, 0.0) <= lim[k] for k in ESTIMATED}
+
+
+def _fold(model: Any, cfg: Any, target_cycles: int, wmax: int, swg_ram: str | None = None) -> Any:
+    """FINN's SetFolding for a cycles target; optionally the sliding-window buffers' ram_style."""
+    from finn.builder import build_dataflow_steps as steps
+    from finn.transformation.fpgadataflow.set_folding import SetFolding
+    from qonnx.custom_op.registry import getCustomOp
+    from qonnx.transformation.general import GiveUniqueNodeNames
+
+    m = copy.deepcopy(model).transform(SetFolding(int(target_cycles), mvau_wwidth_max=wmax, two_pass_relaxation=True))
+    m = m.transform(GiveUniqueNodeNames())
+    if swg_ram:
+        for node in m.graph.node:
+            if node.op_type.startswith("ConvolutionInputGenerator"):
+                getCustomOp(node).set_nodeattr("ram_style", swg_ram)
+    m = steps.step_minimize_bit_width(m, cfg)
+    return steps.step_transpose_decomposition(m, cfg)
+
+
+FIT_VARIANTS: tuple[tuple[int, str | None], ...] = ((36, None), (36, "distributed"), (144, "distributed"))
+
+
+def search_fit(
+    model: Any, cfg: Any, board: Board, variants: tuple[tuple[int, str | None], ...] = FIT_VARIANTS
+) -> dict[str, Any]:
+    """Highest FINN-estimated FPS whose FINN resource estimate is within the board's limits.
+
+    For each variant (MVAU weight-width cap, sliding-window buffer ram_style), bisect (in log space) FINN's SetFolding target cycles per
+    frame; every candidate is folded by FINN and priced by FINN's resource estimate.
+    """
+    clk = cfg.synth_clk_period_ns
+    evaluated: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for wmax, swg in variants:
+        lo_fail, hi_ok = 1, None
+        slow = _fold(model, cfg, 10**9, wmax, swg)
+        est = _estimate(slow, board.part, clk)
+        top = est["max_cycles"]
+        cands = [top]
+        while cands:
+            t = cands.pop()
+            m = slow if t == top else _fold(model, cfg, t, wmax, swg)
+            est = est if t == top else _estimate(m, board.part, clk)
+            ok = all(_fits(est["total"], board).values())
+            evaluated.append({"target_cycles": t, "mvau_wwidth_max": wmax, "swg_ram_style": swg or "default",
+                              "max_cycles": est["max_cycles"],
+                              "fps": est["fps"], **est["total"], "fits": ok})  # fmt: skip
+            if ok and (best is None or est["max_cycles"] < best["max_cycles"]):
+                best = {"model": m, "target_cycles": t, "mvau_wwidth_max": wmax, "swg_ram_style": swg, **est}
+            if ok:
+                hi_ok = t
+            else:
+                lo_fail = max(lo_fail, t)
+            if hi_ok is None or hi_ok / lo_fail <= 1.05:
+                break
+            cands.append(max(lo_fail + 1, int(math.sqrt(lo_fail * hi_ok))))
+    if best is None:  # not even the slowest folding fits: report it, built fully folded
+        m = _fold(model, cfg, 10**9, *variants[0])
+        best = {"model": m, "target_cycles": 10**9, "mvau_wwidth_max": variants[0][0], **_estimate(m, board.part, clk)}
+    best["search"] = evaluated
+    return best
+
+
+def _check_verification(cfg: Any, names: list[str]) -> dict[str, str]:
+    vdir = Path(cfg.get_verification_output_directory())
+    out = {}
+    for name in names:
+        files = list(vdir.glob(f"verify_{name}_*"))
+        fails = [f for f in files if "FAIL" in f.name]
+        if not files:
+            raise BuildError(f"FINN verification {name} produced no result (see {vdir})")
+        if fails:
+            raise BuildError(f"FINN verification {name} FAILED on {len(fails)} of {len(files)} sample images (see {vdir})")
+        out[name] = f"SUCCESS on {len(files)} images"
+    return out
+
+
+def _verify_hw_python(model: Any, vin: np.ndarray, vout: np.ndarray) -> str:
+    """Node-by-node python execution of the HW-layer graph (before specialisation) on the samples."""
+    from finn.core.onnx_exec import execute_onnx
+
+    iname, oname = model.graph.input[0].name, model.graph.output[0].name
+    for i in range(len(vin)):
+        got = execute_onnx(model, {iname: vin[i : i + 1]})[oname]
+        if not np.allclose(got.reshape(vout[i : i + 1].shape), vout[i : i + 1], atol=1e-3, rtol=1e-5):
+            raise BuildError(f"FINN HW-layer python execution differs from the exported model on sample {i}")
+    return f"SUCCESS on {len(vin)} images"
+
+
+# ---------------------------------------------------------------- the build
+def build_model(
+    onnx_path: str | Path,
+    board: Board,
+    out_dir: str | Path,
+    *,
+    target_fps: float | None = None,
+    fit: bool = False,
+    clock_mhz: float | None = None,
+    sample_input: str | Path | None = None,
+    sample_output: str | Path | None = None,
+    n_verify: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build one QONNX model for ``board``; returns (and writes) the report."""
+    if target_fps is not None and target_fps <= 0:
+        raise BuildError(f"invalid --target-fps {target_fps}: must be positive")
+    if clock_mhz is not None and not 1 <= clock_mhz <= 1000:
+        raise BuildError(f"invalid --clock-mhz {clock_mhz}: use 1..1000")
+    t0 = time.time()
+    model = load_qonnx(onnx_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tools = finn_compat.prepare_finn(out / "finn" / "tmp")
+    finn_compat.quiet_finn_logging()
+    vin, vout = _verification_vectors(model, out, sample_input, sample_output, n_verify)
+    clk = clock_mhz or board.clock_mhz
+    from finn.builder import build_dataflow_config as bc
+    from finn.builder import build_dataflow_steps as steps
+
+    vsteps = [bc.VerificationStepType.QONNX_TO_FINN_PYTHON, bc.VerificationStepType.TIDY_UP_PYTHON,
+              bc.VerificationStepType.STREAMLINED_PYTHON]  # fmt: skip
+    cfg = _finn_config(board, out / "finn", clk, out / "sample_input.npy", out / "sample_output.npy", verify_steps=vsteps)
+    timings: dict[str, float] = {}
+    hw_check = ""
+    for name in ESTIMATE_STEPS:
+        ts = time.time()
+        if progress:
+            print(f"  {name.removeprefix('step_')} ...", flush=True)
+        try:
+            model = getattr(steps, name)(model, cfg)
+        except HwDqError:
+            raise
+        except Exception as e:
+            raise _finn_error(name, e) from None
+        timings[name] = round(time.time() - ts, 2)
+        if name == "step_convert_to_hw":
+            check_mapped(model)
+            hw_check = _verify_hw_python(model, vin, vout)
+    verification = _check_verification(cfg, [v.value for v in vsteps])
+    verification["hw_layers_python"] = hw_check
+    ts = time.time()
+    if fit or target_fps is None:
+        chosen = search_fit(model, cfg, board)
+        mode = "fit"
+    else:
+        cycles = max(1, int(clk * 1e6 / target_fps))
+        m = _fold(model, cfg, cycles, 36)
+        chosen = {"model": m, "target_cycles": cycles, "mvau_wwidth_max": 36, **_estimate(m, board.part, cfg.synth_clk_period_ns)}
+        mode = "target_fps"
+    timings["folding"] = round(time.time() - ts, 2)
+    model = steps.step_generate_estimate_reports(chosen["model"], cfg)
+    return finish_build(
+        model=model, cfg=cfg, board=board, out=out, chosen=chosen, mode=mode, target_fps=target_fps,
+        clock_mhz=clk, verification=verification, timings=timings, tools=tools, started=t0,
+        bitstream_steps=BITSTREAM_STEPS, hw_attrs=HW_ATTRS,
+    )  # fmt: skip
+
+
+def _verification_vectors(model: Any, out: Path, vin_path: Any, vout_path: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample images (UINT8) and expected outputs: the export's, or real sample images run through the model."""
+    if vin_path is not None and Path(vin_path).is_file() and vout_path is not None and Path(vout_path).is_file():
+        vin, vout = np.load(vin_path)[:n], np.load(vout_path)[:n]
+    else:
+        from hw_dq.data import load_split
+        from hw_dq.export import execute, to_uint8
+
+        shape = model.get_tensor_shape(model.graph.input[0].name)
+        x, _ = load_split("sample", "test").take(n).tensors()
+        if list(x.shape[1:]) != list(shape[1:]):
+            raise BuildError(f"the model's input shape {shape} does not take the sample images {list(x.shape[1:])}")
+        vin = to_uint8(x)
+        vout = execute(model, vin)
+    np.save(out / "sample_input.npy", vin.astype(np.float32))
+    np.save(out / "sample_output.npy", vout.astype(np.float32))
+    return vin.astype(np.float32), vout.astype(np.float32)
+
+
+def build_run(
+    run_dir: str | Path,
+    board: str,
+    *,
+    target_fps: float | None = None,
+    fit: bool = False,
+    clock_mhz: float | None = None,
+    out: str | Path | None = None,
+    boards_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build a run directory (exporting it first if needed) or a bare QONNX file for ``board``."""
+    from hw_dq.export import EXPORT_DIR, QONNX_FILE, export_run
+
+    b = get_board(board, boards_dir)
+    src = Path(run_dir)
+    if src.suffix == ".onnx" or src.is_file():
+        onnx_path, vin, vout = src, None, None
+        default_out = src.parent / f"build_{src.stem}_{b.name}"
+    else:
+        exp = src / EXPORT_DIR
+        if not (exp / QONNX_FILE).is_file():
+            if progress:
+                print("no export yet: exporting (logits head) ...", flush=True)
+            export_run(src)
+        onnx_path, vin, vout = exp / QONNX_FILE, exp / "sample_input.npy", exp / "sample_output.npy"
+        default_out = src / "build" / b.name
+    return build_model(
+        onnx_path, b, Path(out) if out else default_out, target_fps=target_fps, fit=fit,
+        clock_mhz=clock_mhz, sample_input=vin, sample_output=vout, progress=progress,
+    )  # fmt: skip
+
+
+def demo_summary(run_dir: str | Path, board: str = "Pynq-Z1") -> dict[str, Any]:
+    """Export + ``--fit`` build for the demo; returns the report with a one-paragraph ``text``."""
+    from hw_dq.export import export_run
+
+    exp = export_run(run_dir)
+    rep = build_run(run_dir, board, fit=True)
+    util = ", ".join(f"{k} {100 * rep['utilisation'][k]:.0f}%" for k in ESTIMATED)
+    rep["text"] = (
+        f"FPGA ({rep['board']['name']}, {rep['clock_mhz']:.0f} MHz): QONNX export matches PyTorch "
+        f"(max |logit diff| {exp.equivalence['max_abs_logit_diff']:.2g}, top-1 agreement "
+        f"{100 * exp.equivalence['top1_agreement']:.0f}%); FINN estimates {rep['fps']:,.0f} images/s, "
+        f"latency {rep['latency_us']:,.0f} us, bottleneck {rep['bottleneck']}; {util} of the board "
+        f"({'fits' if rep['fits'] else 'does NOT fit'} FINN's recommended limits). "
+        f"{rep['tools_line']} Build folder: {rep['build_dir']}."
+    )
+    return rep
+
+
+
+
+# ---------------------------------------------------------------- report and build folder
+def finish_build(
+    *, model: Any, cfg: Any, board: Board, out: Path, chosen: dict[str, Any], mode: str, target_fps: float | None,
+    clock_mhz: float, verification: dict[str, str], timings: dict[str, float], tools: Any, started: float,
+    bitstream_steps: list[str], hw_attrs: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Write the build folder (model, folding, FINN continuation config, report) and return the report."""
+    import json
+
+    from finn.util.config import extract_model_config_to_json
+
+    fdir = Path(cfg.output_dir)
+    model.save(str(out / "dataflow_model.onnx"))
+    parent = Path(cfg.get_intermediate_models_directory()) / "dataflow_parent.onnx"
+    if parent.is_file():
+        shutil.copyfile(parent, out / "dataflow_parent.onnx")
+    extract_model_config_to_json(model, str(out / "folding_config.json"), hw_attrs)
+    est = _estimate(model, board.part, cfg.synth_clk_period_ns)
+    perf = json.loads((Path(cfg.get_report_directory()) / "estimate_network_performance.json").read_text())
+    cap = board.resources
+    util = {k: est["total"][k] / cap[k] if cap[k] else (0.0 if est["total"][k] == 0 else math.inf) for k in ESTIMATED}
+    fits = _fits(est["total"], board)
+    layers = [
+        {"layer": n, "cycles": int(est["cycles"].get(n, 0)), **{k: float(r.get(k, 0)) for k in ESTIMATED}}
+        for n, r in est["layers"].items()
+    ]
+    cont = _continuation_config(cfg, board, out, bitstream_steps)
+    command = f"cd {out.resolve()} && finn build build_config.json dataflow_model.onnx"
+    report = {
+        "board": board.to_dict(), "clock_mhz": clock_mhz, "folding": mode, "target_fps": target_fps,
+        "fps": float(perf["estimated_throughput_fps"]), "latency_us": float(perf["estimated_latency_ns"]) / 1000.0,
+        "max_cycles": int(perf["max_cycles"]), "bottleneck": str(perf["max_cycles_node_name"]),
+        "total": est["total"], "capacity": cap, "limits": board.limits(), "utilisation": util,
+        "fits": all(fits.values()), "fits_by_resource": fits,
+        "FF": "not estimated by FINN's analytical model (checked by Vivado synthesis)",
+        "layers": layers, "verification": verification, "fit_search": chosen.get("search", []),
+        "mvau_wwidth_max": chosen.get("mvau_wwidth_max"),
+        "swg_ram_style": chosen.get("swg_ram_style") or "default", "tools": tools.to_dict(), "tools_line": tools.line(),
+        "bitstream_command": command, "build_dir": str(out), "step_seconds": timings,
+        "wall_seconds": round(time.time() - started, 1),
+    }  # fmt: skip
+    if tools.has_vivado:
+        report["bitstream"] = _run_bitstream(out, cont)
+    rd.write_json(out / "report.json", report)
+    rd.write_text(out / "report.md", report_markdown(report))
+    _ = fdir
+    return report
+
+
+def _continuation_config(cfg: Any, board: Board, out: Path, bitstream_steps: list[str]) -> dict[str, Any]:
+    """A FINN build config (JSON) that continues the folded model to bitfile, driver and package."""
+    d = {
+        "output_dir": "bitstream", "synth_clk_period_ns": cfg.synth_clk_period_ns, "board": board.finn_board,
+        "fpga_part": board.part, "shell_flow_type": board.shell_flow, "steps": bitstream_steps,
+        "generate_outputs": ["stitched_ip", "rtlsim_performance", "bitfile", "pynq_driver", "deployment_package"],
+        "folding_config_file": "folding_config.json", "verify_steps": ["stitched_ip_rtlsim"],
+        "verify_input_npy": "sample_input.npy", "verify_expected_output_npy": "sample_output.npy",
+        "auto_fifo_depths": True, "save_intermediate_models": True,
+    }  # fmt: skip
+    if board.vitis_platform:
+        d["vitis_platform"] = board.vitis_platform
+    # the stitched-IP verification runs the parent graph; the continuation finds it here
+    inter = out / "bitstream" / "intermediate_models"
+    inter.mkdir(parents=True, exist_ok=True)
+    if (out / "dataflow_parent.onnx").is_file():
+        shutil.copyfile(out / "dataflow_parent.onnx", inter / "dataflow_parent.onnx")
+    rd.write_json(out / "build_config.json", d)
+    return d
+
+
+def _run_bitstream(out: Path, cont: dict[str, Any]) -> dict[str, Any]:
+    """Where Vivado is installed: continue to bitfile, driver and deployment package in-process."""
+    import os
+
+    from finn.builder.build_dataflow import build_dataflow_cfg
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+
+    here = os.getcwd()
+    try:
+        os.chdir(out)
+        cfg = DataflowBuildConfig.from_dict(cont)
+        rc = build_dataflow_cfg("dataflow_model.onnx", cfg)
+    finally:
+        os.chdir(here)
+    if rc != 0:
+        raise BuildError(f"FINN bitstream build failed (exit {rc}); see {out / 'bitstream' / 'build_dataflow.log'}")
+    return {"exit": rc, "dir": str(out / "bitstream")}
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    """The build report as markdown."""
+    b = r["board"]
+    lines = [
+        f"# FINN build: {b['name']} ({b['part']}) at {r['clock_mhz']:.0f} MHz", "",
+        f"- folding: **{r['folding']}**; estimated throughput **{r['fps']:,.0f} FPS**, latency "
+        f"{r['latency_us']:,.1f} us; bottleneck `{r['bottleneck']}` ({r['max_cycles']:,} cycles/frame)",
+        f"- fits FINN's recommended utilisation: **{'yes' if r['fits'] else 'NO'}**",
+        f"- verification (FINN python execution on sample images): "
+        + "; ".join(f"{k}: {v}" for k, v in r["verification"].items()),
+        f"- {r['tools_line']}", f"- bitstream: `{r['bitstream_command']}`", "",
+        "| resource | estimate | capacity | limit | utilisation |", "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for k in ESTIMATED:
+        lines.append(
+            f"| {k} | {r['total'][k]:,.0f} | {r['capacity'][k]:,} | {r['limits'][k]:,.0f} | {100 * r['utilisation'][k]:.1f}% |"
+        )
+    lines.append(f"| FF | n/a | {r['capacity']['FF']:,} | {r['limits']['FF']:,.0f} | {r['FF']} |")
+    lines += ["", "| layer | cycles | LUT | BRAM_18K | URAM | DSP |", "|---|---|---|---|---|---|"]
+    for layer in r["layers"]:
+        lines.append(
+            f"| {layer['layer']} | {layer['cycles']:,} | {layer['LUT']:,.0f} | {layer['BRAM_18K']:,.0f} "
+            f"| {layer['URAM']:,.0f} | {layer['DSP']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
