@@ -1,0 +1,221 @@
+"""Which Lipschitz target should DQ regularise: the raw weight W or the BN-folded operator?
+
+On the embedded CIFAR-10 sample (4,000 train / 1,000 test), CNV width 0.5, w2a2:
+
+* FP: trained from scratch (``--fp-epochs``, cnv_cpu optimiser recipe);
+* VQ (beta 0) and DQ with ``lipschitz_target`` 'weight' and 'bn_folded' at several beta:
+  each fine-tuned from that FP checkpoint with the same recipe and seed (``--q-epochs``).
+
+For each: clean accuracy (1,000 test images), white-box FGSM and PGD-10 (ART, through the
+straight-through estimator) at eps 2, 4, 8 /255 on 500 test images (seed 0), the
+BN-folded operator norms and network Lipschitz bound (lipschitz.json), and a transfer
+attack: PGD-10 examples crafted on the FP model, evaluated on every model (a gradient
+masking check). Run directories live under ``runs/bench/lipschitz_target/`` and are reused.
+
+    .venv/bin/python -m benchmarks.lipschitz_target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import REPO, machine, machine_line, md_table, write_results
+
+RUNS = REPO / "runs" / "bench" / "lipschitz_target"
+EPS = (2.0, 4.0, 8.0)
+PGD_STEPS = 10
+SEED = 0
+
+
+def variants(betas: list[float]) -> dict[str, dict[str, Any]]:
+    v: dict[str, dict[str, Any]] = {
+        "fp": {"wbits": "float", "abits": "float", "beta": 0.0},
+        "vq": {"beta": 0.0},
+    }
+    for target, tag in (("weight", "w"), ("bn_folded", "bn")):
+        for b in betas:
+            v[f"dq_{tag}_{b:g}"] = {"beta": b, "lipschitz_target": target}
+    return v
+
+
+def train_variant(name: str, overrides: dict[str, Any], fp_epochs: int, q_epochs: int) -> Path:
+    from hw_dq.config import load_config
+    from hw_dq.train import train
+
+    out = RUNS / name
+    fp = name == "fp"
+    extra: dict[str, Any] = {"epochs": fp_epochs} if fp else {"epochs": q_epochs, "init_from": str(RUNS / "fp")}
+    cfg = load_config("cnv_cpu", data="sample", data_dir=None, seed=SEED, **extra, **overrides)
+    if not (out / "model.safetensors").is_file():
+        t0 = time.time()
+        train(cfg, out, resume=True, progress=False)
+        (out / "bench_wall.json").write_text(json.dumps({"train_wall_s": time.time() - t0}) + "\n")
+        print(f"[{name}] trained in {time.time() - t0:.0f}s", flush=True)
+    return out
+
+
+def craft_pgd(model: torch.nn.Module, x: torch.Tensor, eps_255: float) -> np.ndarray:
+    """PGD-10 examples on ``model`` with exactly the settings of hw_dq.attack.robust_accuracy."""
+    from hw_dq.attack import art_classifier, make_attack
+
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    clf = art_classifier(model, tuple(x.shape[1:]))
+    atk, _ = make_attack("pgd", clf, eps_255 / 255.0, 128, PGD_STEPS)
+    return atk.generate(x.numpy())
+
+
+def accuracy_on(model: torch.nn.Module, x_adv: np.ndarray, y: torch.Tensor) -> float:
+    from hw_dq.attack import clean_accuracy
+
+    return clean_accuracy(model, torch.from_numpy(x_adv), y)
+
+
+def evaluate(name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+             transfer: dict[float, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+    from hw_dq import rundir as rd
+    from hw_dq.attack import clean_accuracy, robust_accuracy
+
+    cache = out / "bench_eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, cfg = rd.load_model(out)
+    t0 = time.time()
+    res: dict[str, Any] = {
+        "clean_acc_1000": clean_accuracy(model, xt, yt),
+        "clean_acc_500": clean_accuracy(model, x, y),
+        "white_box": [],
+        "transfer_from_fp": [],
+    }
+    for atk in ("fgsm", "pgd"):
+        for eps in EPS:
+            r = robust_accuracy(model, x, y, atk, eps, seed=SEED, steps=PGD_STEPS)
+            res["white_box"].append(asdict(r))
+    for eps in EPS:
+        res["transfer_from_fp"].append({"attack": "pgd (crafted on fp)", "eps": eps, "steps": PGD_STEPS,
+                                        "robust_acc": accuracy_on(model, transfer[eps], y),
+                                        "n_examples": len(y), "seed": SEED})  # fmt: skip
+    lip = json.loads((out / "lipschitz.json").read_text())
+    metrics = rd.read_jsonl(out / rd.METRICS)
+    layers = lip["layers"]
+    res["lipschitz"] = {
+        "mean_norm_folded": lip["mean_norm_folded"],
+        "max_norm_folded": max(r["norm_folded"] for r in layers),
+        "network_bound": lip["network_bound"],
+        "mean_norm_float_weight": sum(r["norm_float"] for r in layers) / len(layers),
+        "mean_norm_quant_weight": sum(r["norm_quant"] for r in layers) / len(layers),
+        "max_bn_gain": max(r["bn_gain_max"] for r in layers),
+        "ortho_residual_weight_sum": sum(r["ortho_residual"] for r in layers),
+        "per_layer_norm_folded": {r["name"]: round(r["norm_folded"], 4) for r in layers},
+    }
+    res["train"] = {
+        "epochs": len(metrics),
+        "first_epoch": {k: metrics[0][k] for k in ("ce", "reg", "train_acc", "test_acc")},
+        "last_epoch": {k: metrics[-1][k] for k in ("ce", "reg", "train_acc", "test_acc")},
+        "reg_over_ce_last": metrics[-1]["reg"] / max(1e-12, metrics[-1]["ce"]),
+        "init_from": cfg["train"]["init_from"],
+    }
+    res["eval_wall_s"] = time.time() - t0
+    cache.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"[{name}] evaluated in {res['eval_wall_s']:.0f}s", flush=True)
+    return res
+
+
+def render(rows: dict[str, Any], meta: dict[str, Any]) -> str:
+    def wb(r: dict, atk: str, eps: float) -> float:
+        return next(a["robust_acc"] for a in r["white_box"] if a["attack"] == atk and a["eps"] == eps)
+
+    def tr(r: dict, eps: float) -> float:
+        return next(a["robust_acc"] for a in r["transfer_from_fp"] if a["eps"] == eps)
+
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    main = md_table(
+        ["variant", "target", "beta", "clean (1000)", "clean (500)",
+         *[f"FGSM {e:g}" for e in EPS], *[f"PGD-10 {e:g}" for e in EPS], *[f"transfer {e:g}" for e in EPS]],
+        [[n, r["target"], f"{r['beta']:g}", pct(r["clean_acc_1000"]), pct(r["clean_acc_500"]),
+          *[pct(wb(r, "fgsm", e)) for e in EPS], *[pct(wb(r, "pgd", e)) for e in EPS],
+          *[pct(tr(r, e)) for e in EPS]] for n, r in rows.items()],
+    )  # fmt: skip
+    lip = md_table(
+        ["variant", "mean ||BN(W_q)||", "max ||BN(W_q)||", "network bound", "mean ||W|| float",
+         "max BN gain", "sum ||WW^T-I||^2 (W)", "CE last", "reg last", "reg/CE last", "reg first epoch"],
+        [[n, f"{r['lipschitz']['mean_norm_folded']:.3f}", f"{r['lipschitz']['max_norm_folded']:.3f}",
+          f"{r['lipschitz']['network_bound']:.3g}", f"{r['lipschitz']['mean_norm_float_weight']:.3f}",
+          f"{r['lipschitz']['max_bn_gain']:.3f}", f"{r['lipschitz']['ortho_residual_weight_sum']:.3g}",
+          f"{r['train']['last_epoch']['ce']:.3f}", f"{r['train']['last_epoch']['reg']:.3g}",
+          f"{r['train']['reg_over_ce_last']:.3g}", f"{r['train']['first_epoch']['reg']:.3g}"]
+         for n, r in rows.items()],
+    )  # fmt: skip
+    return "\n\n".join(
+        [
+            "# Lipschitz target for DQ: raw weight vs BN-folded operator",
+            f"Machine: {machine_line(meta['machine'])}.",
+            f"Setup: {meta['setup']}",
+            "## Accuracy (%) under attack",
+            f"Linf eps in /255. White-box FGSM and PGD-{PGD_STEPS} (ART; step 2.5*eps/{PGD_STEPS}, 1 random start) "
+            f"through each model's straight-through estimator, on {meta['n_attack']} test images "
+            f"(embedded sample, take({meta['n_attack']}, seed={SEED})), seed {SEED}. 'transfer' = the same "
+            f"PGD-{PGD_STEPS} examples crafted once on the FP model and fed to each model (black-box transfer).",
+            main,
+            "## Lipschitz diagnostic (final weights, BN folded in, quantized weights) and training loss terms",
+            lip,
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hw_dq.data import load_split
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--betas", type=float, nargs="+", default=[3e-4, 3e-3, 3e-2])
+    ap.add_argument("--fp-epochs", type=int, default=15)
+    ap.add_argument("--q-epochs", type=int, default=10)
+    ap.add_argument("--n-attack", type=int, default=500)
+    ap.add_argument("--only", nargs="*", default=None, help="subset of variants")
+    args = ap.parse_args(argv)
+    mach = machine()
+    vs = variants(args.betas)
+    names = args.only or list(vs)
+    if "fp" not in names:
+        names = ["fp", *names]
+    test = load_split("sample", "test")
+    xt, yt = test.tensors()
+    x, y = test.take(args.n_attack, SEED).tensors()
+    outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in names}
+    from hw_dq import rundir as rd
+
+    fp_model, _ = rd.load_model(outs["fp"])
+    t0 = time.time()
+    transfer = {eps: craft_pgd(fp_model, x, eps) for eps in EPS}
+    print(f"transfer examples crafted on fp in {time.time() - t0:.0f}s", flush=True)
+    rows = {}
+    for n in names:
+        r = evaluate(n, outs[n], x, y, xt, yt, transfer)
+        cfg = json.loads((outs[n] / "config.json").read_text())
+        rows[n] = {"mode": cfg["mode"], "beta": cfg["train"]["beta"],
+                   "target": cfg["train"]["lipschitz_target"] if cfg["train"]["beta"] else "-",
+                   "run_dir": str(outs[n].relative_to(REPO)), **r}  # fmt: skip
+    setup = (
+        f"embedded CIFAR-10 sample (4,000 train / 1,000 test), CNV width 0.5, w2a2 (FP: float); "
+        f"cnv_cpu optimiser recipe (SGD 0.9 Nesterov, lr 0.05 cosine, wd 5e-4, batch 128, crop+flip), seed {SEED}; "
+        f"FP from scratch for {args.fp_epochs} epochs; VQ and every DQ fine-tuned from that FP checkpoint "
+        f"for {args.q_epochs} epochs (init_from)."
+    )
+    meta = {"machine": mach, "setup": setup, "n_attack": args.n_attack, "eps_units": "1/255",
+            "pgd_steps": PGD_STEPS, "seed": SEED}  # fmt: skip
+    text = render(rows, meta)
+    js, md = write_results("lipschitz_target", {**meta, "runs": rows}, text)
+    print(text)
+    print(f"wrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main()
