@@ -32,7 +32,7 @@ import numpy as np
 
 from hw_dq import finn_compat
 from hw_dq import rundir as rd
-from hw_dq.boards import RESOURCES, Board, get_board
+from hw_dq.boards import Board, get_board
 from hw_dq.errors import HwDqError
 
 QUANT_OPS = ("Quant", "BipolarQuant", "BinaryQuant", "Trunc", "MultiThreshold")
@@ -97,25 +97,39 @@ def _reason(model: Any, node: Any) -> str:
     dyn = [i for i in node.input if model.get_initializer(i) is None]
     if node.op_type in ("Add", "Sub") and len(dyn) == 2:
         return (
-            "a residual add of two streams FINN could not map (an AddStreams layer needs both "
-            "branches to arrive as integers with the same quantization scale)"
+            "a residual add of two streams that FINN cannot map - an AddStreams layer needs both branches "
+            "to arrive as integers with the same quantization scale (add a shared quantizer on both)"
         )
     if node.op_type in ("Add", "Sub", "Mul", "Div"):
-        return "a float scale/bias that streamlining could not absorb into a threshold (the topology does not streamline)"
-    if node.op_type == "MultiThreshold":
-        return "a quantized activation whose input is not an integer stream (the topology does not streamline)"
+        return (
+            "a float scale/bias that streamlining could not absorb into a threshold (the topology does not streamline)"
+        )
+    if node.op_type in ("Im2Col", "MatMul", "MultiThreshold", "Transpose", "MaxPoolNHWC"):
+        return (
+            "its input did not streamline to an integer NHWC stream (a float scale or layout transpose is "
+            "left at a fork or residual branch)"
+        )
     return f"op {node.op_type} has no FINN hardware layer"
 
 
 def check_mapped(model: Any) -> None:
-    """After convert_to_hw every node must be a HW layer, except the input NCHW->NHWC transpose."""
+    """After convert_to_hw every node must be a HW layer, except the input NCHW->NHWC transpose.
+
+    The error names the root cause where there is one (a residual add), else the first unmapped node.
+    """
     gin = model.graph.input[0].name
-    for node in model.graph.node:
-        if node.domain.startswith("finn.custom_op.fpgadataflow"):
-            continue
-        if node.op_type == "Transpose" and node.input[0] == gin:
-            continue
-        raise BuildError(f"layer {node.name} ({node.op_type}) cannot be mapped to FINN hardware: {_reason(model, node)}")
+    bad = [
+        n for n in model.graph.node
+        if not n.domain.startswith("finn.custom_op.fpgadataflow") and not (n.op_type == "Transpose" and n.input[0] == gin)
+    ]  # fmt: skip
+    if not bad:
+        return
+    adds = [n for n in bad if n.op_type in ("Add", "Sub") and all(model.get_initializer(i) is None for i in n.input)]
+    node = adds[0] if adds else bad[0]
+    raise BuildError(
+        f"layer {node.name} ({node.op_type}) cannot be mapped to FINN hardware: {_reason(model, node)}; "
+        f"{len(bad)} node(s) unmapped"
+    )
 
 
 # ---------------------------------------------------------------- FINN plumbing
@@ -128,7 +142,11 @@ def _finn_config(board: Board, out: Path, clock_mhz: float, vin: Path, vout: Pat
         vitis_platform=board.vitis_platform, generate_outputs=[bc.DataflowOutputType.ESTIMATE_REPORTS],
         verify_input_npy=str(vin), verify_expected_output_npy=str(vout), **kw,
     )  # fmt: skip
-    for d in (cfg.get_report_directory(), cfg.get_intermediate_models_directory(), cfg.get_verification_output_directory()):
+    for d in (
+        cfg.get_report_directory(),
+        cfg.get_intermediate_models_directory(),
+        cfg.get_verification_output_directory(),
+    ):
         Path(d).mkdir(parents=True, exist_ok=True)
     return cfg
 
@@ -201,7 +219,8 @@ def search_fit(
                 hi_ok = t
             else:
                 lo_fail = max(lo_fail, t)
-            if hi_ok is None or hi_ok / lo_fail <= 1.05:
+            saturated = ok and est["max_cycles"] > 2 * t  # FINN cannot unfold further: lower targets change nothing
+            if hi_ok is None or saturated or hi_ok <= lo_fail + 1 or hi_ok / lo_fail <= 1.05:
                 break
             cands.append(max(lo_fail + 1, int(math.sqrt(lo_fail * hi_ok))))
     if best is None:  # not even the slowest folding fits: report it, built fully folded
@@ -220,7 +239,9 @@ def _check_verification(cfg: Any, names: list[str]) -> dict[str, str]:
         if not files:
             raise BuildError(f"FINN verification {name} produced no result (see {vdir})")
         if fails:
-            raise BuildError(f"FINN verification {name} FAILED on {len(fails)} of {len(files)} sample images (see {vdir})")
+            raise BuildError(
+                f"FINN verification {name} FAILED on {len(fails)} of {len(files)} sample images (see {vdir})"
+            )
         out[name] = f"SUCCESS on {len(files)} images"
     return out
 
@@ -269,7 +290,9 @@ def build_model(
 
     vsteps = [bc.VerificationStepType.QONNX_TO_FINN_PYTHON, bc.VerificationStepType.TIDY_UP_PYTHON,
               bc.VerificationStepType.STREAMLINED_PYTHON]  # fmt: skip
-    cfg = _finn_config(board, out / "finn", clk, out / "sample_input.npy", out / "sample_output.npy", verify_steps=vsteps)
+    cfg = _finn_config(
+        board, out / "finn", clk, out / "sample_input.npy", out / "sample_output.npy", verify_steps=vsteps
+    )
     timings: dict[str, float] = {}
     hw_check = ""
     for name in ESTIMATE_STEPS:
@@ -283,6 +306,7 @@ def build_model(
         except Exception as e:
             raise _finn_error(name, e) from None
         timings[name] = round(time.time() - ts, 2)
+        model.save(str(Path(cfg.get_intermediate_models_directory()) / f"{name}.onnx"))
         if name == "step_convert_to_hw":
             check_mapped(model)
             hw_check = _verify_hw_python(model, vin, vout)
@@ -295,7 +319,12 @@ def build_model(
     else:
         cycles = max(1, int(clk * 1e6 / target_fps))
         m = _fold(model, cfg, cycles, 36)
-        chosen = {"model": m, "target_cycles": cycles, "mvau_wwidth_max": 36, **_estimate(m, board.part, cfg.synth_clk_period_ns)}
+        chosen = {
+            "model": m,
+            "target_cycles": cycles,
+            "mvau_wwidth_max": 36,
+            **_estimate(m, board.part, cfg.synth_clk_period_ns),
+        }
         mode = "target_fps"
     timings["folding"] = round(time.time() - ts, 2)
     model = steps.step_generate_estimate_reports(chosen["model"], cfg)
@@ -306,7 +335,9 @@ def build_model(
     )  # fmt: skip
 
 
-def _verification_vectors(model: Any, out: Path, vin_path: Any, vout_path: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _verification_vectors(
+    model: Any, out: Path, vin_path: Any, vout_path: Any, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample images (UINT8) and expected outputs: the export's, or real sample images run through the model."""
     if vin_path is not None and Path(vin_path).is_file() and vout_path is not None and Path(vout_path).is_file():
         vin, vout = np.load(vin_path)[:n], np.load(vout_path)[:n]
@@ -374,8 +405,6 @@ def demo_summary(run_dir: str | Path, board: str = "Pynq-Z1") -> dict[str, Any]:
         f"{rep['tools_line']} Build folder: {rep['build_dir']}."
     )
     return rep
-
-
 
 
 # ---------------------------------------------------------------- report and build folder
@@ -475,7 +504,7 @@ def report_markdown(r: dict[str, Any]) -> str:
         f"- folding: **{r['folding']}**; estimated throughput **{r['fps']:,.0f} FPS**, latency "
         f"{r['latency_us']:,.1f} us; bottleneck `{r['bottleneck']}` ({r['max_cycles']:,} cycles/frame)",
         f"- fits FINN's recommended utilisation: **{'yes' if r['fits'] else 'NO'}**",
-        f"- verification (FINN python execution on sample images): "
+        "- verification (FINN python execution on sample images): "
         + "; ".join(f"{k}: {v}" for k, v in r["verification"].items()),
         f"- {r['tools_line']}", f"- bitstream: `{r['bitstream_command']}`", "",
         "| resource | estimate | capacity | limit | utilisation |", "|---|---|---|---|---|",

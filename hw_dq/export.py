@@ -139,9 +139,13 @@ def execute(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _is_float(model: torch.nn.Module) -> bool:
-    from brevitas.nn.mixin.base import QuantLayerMixin
+    """True when no weight or activation quantizer is enabled (a full-precision model)."""
+    import brevitas.nn as qnn
 
-    return not any(isinstance(m, QuantLayerMixin) and getattr(m, "is_quant_enabled", True) for m in model.modules())
+    for m in model.modules():
+        if getattr(m, "is_weight_quant_enabled", False) or isinstance(m, qnn.QuantReLU | qnn.QuantIdentity):
+            return False
+    return True
 
 
 def export_model(

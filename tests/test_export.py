@@ -1,0 +1,68 @@
+"""QONNX export: equivalence with PyTorch on real test images, heads, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hw_dq.export import ExportError, export_model, export_run, sample_images
+from hw_dq.models import create_model
+from hw_dq.train import TrainConfig, train
+from tests.conftest import assert_one_line_error, run_cli
+
+
+def train_tiny(out: Path, wbits: int | str = 2, abits: int | str = 2, n: int = 256) -> Path:
+    cfg = TrainConfig(model="tiny", wbits=wbits, abits=abits, epochs=1, batch_size=64, train_subset=n, test_subset=32)
+    train(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("exp") / "run")
+
+
+def test_export_equivalence_on_trained_model(tiny_run: Path) -> None:
+    r = export_run(tiny_run, n=16)
+    eq = json.loads((tiny_run / "export" / "equivalence.json").read_text())
+    assert eq["ok"] and eq["n_images"] == 16
+    assert eq["max_abs_logit_diff"] <= 1e-4 and eq["top1_agreement"] == 1.0
+    assert r.qonnx.is_file() and np.load(r.sample_input).max() > 1  # UINT8 pixel values
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    m = ModelWrapper(str(r.qonnx))
+    assert str(m.get_tensor_datatype(m.graph.input[0].name)) == "UINT8"
+
+
+def test_label_head_and_qcdq_via_cli(tiny_run: Path) -> None:
+    proc = run_cli("export", str(tiny_run), "--head", "label", "--qcdq", "--n", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "top-1 agreement 100.0%" in proc.stdout
+    eq = json.loads((tiny_run / "export" / "equivalence.json").read_text())
+    assert eq["head"] == "label" and eq["top1_agreement"] == 1.0
+    assert (tiny_run / "export" / "qcdq.onnx").is_file()
+    assert np.load(tiny_run / "export" / "sample_output.npy").shape == (8, 1)
+
+
+def test_one_bit_unsigned_activations_exported_exactly(tmp_path: Path) -> None:
+    """Brevitas exports 1-bit ReLU6 as BipolarQuant ({-6,6}); the export rewrites it to unsigned {0,6}."""
+    torch.manual_seed(0)
+    model = create_model("tiny", 1, 1).eval()
+    with torch.no_grad():  # make activations non-trivial: BN shifts pre-activations around the threshold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(1e-4)
+                m.bias.normal_(2.5, 1.0)
+    r = export_model(model, tmp_path, sample_images({}, 8))
+    assert r.equivalence["ok"] and r.equivalence["activation_bipolar_rewritten"] == 2
+
+
+def test_float_model_export_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="full precision"):
+        export_model(create_model("tiny", None, None), tmp_path, sample_images({}, 2))
+    run = train_tiny(tmp_path / "fp", "float", "float", n=64)
+    assert_one_line_error(run_cli("export", str(run)), "full precision")
