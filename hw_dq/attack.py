@@ -1,15 +1,23 @@
-"""Attack stage: white-box attacks from the Adversarial Robustness Toolbox (ART).
+"""Attack stage: evasion attacks from the Adversarial Robustness Toolbox (ART).
 
-Inputs are in [0, 1]; eps is given in units of 1/255 (Linf), as RobustBench reports it.
+Inputs are in [0, 1]; ``eps`` is given in units of 1/255 for every attack. For Linf attacks
+it is the Linf radius (RobustBench's 8/255 is ``eps=8``); for the L2 attacks (``pgd-l2``,
+``cw-l2``) ``eps/255`` is the L2 radius (RobustBench's L2 0.5 is ``eps=127.5``).
+
 The model sees the whole pipeline (its 8-bit input quantizer included); gradients through
 Brevitas' quantizers are straight-through estimates, which is exactly why quantized models
-need black-box and transfer checks before a robustness number is trusted.
+need black-box (``square``) and transfer (``transfer-pgd``) checks before a robustness
+number is trusted (see :mod:`hw_dq.sanity`).
+
+Robust accuracy counts an example as robust only when the clean input *and* the
+adversarial one are classified correctly (the clean input lies inside every eps-ball).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +25,45 @@ from torch import nn
 
 from hw_dq.errors import ConfigError
 
-WHITE_BOX = ("fgsm", "pgd")
+# name -> (kind, norm); kind: white (gradients), black (scores only), ensemble, transfer
+ATTACKS: dict[str, tuple[str, str]] = {
+    "fgsm": ("white", "Linf"),
+    "rfgsm": ("white", "Linf"),
+    "pgd": ("white", "Linf"),
+    "pgd-l2": ("white", "L2"),
+    "cw-l2": ("white", "L2"),
+    "apgd-ce": ("white", "Linf"),
+    "apgd-t": ("white", "Linf"),
+    "square": ("black", "Linf"),
+    "autoattack": ("ensemble", "Linf"),
+    "transfer-pgd": ("transfer", "Linf"),
+}
+WHITE_BOX = tuple(k for k, (kind, _) in ATTACKS.items() if kind == "white")
+SINGLE_STEP = ("fgsm", "rfgsm")
 
 
-def art_classifier(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10):
+@dataclass
+class AttackParams:
+    """Budgets of the attacks (defaults: RobustBench/AutoAttack 'standard' where it has one)."""
+
+    pgd_steps: int = 10
+    pgd_restarts: int = 1
+    pgd_step_factor: float = 2.5  # step size = factor * eps / steps (Madry et al.)
+    rfgsm_alpha: float = 0.5  # R+FGSM random step, as a fraction of eps (Tramer et al. 2018)
+    apgd_iters: int = 100
+    apgd_targets: int = 9
+    square_queries: int = 5000
+    square_restarts: int = 1
+    cw_iters: int = 20
+    cw_search_steps: int = 5
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if v <= 0 and k != "rfgsm_alpha" or v < 0:
+                raise ConfigError(f"invalid attack parameter {k}={v}: must be positive")
+
+
+def art_classifier(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10) -> Any:
     """Wrap a model (eval mode) as an ART PyTorchClassifier with inputs clipped to [0, 1]."""
     from art.estimators.classification import PyTorchClassifier
 
@@ -47,22 +90,174 @@ class AttackResult:
     params: dict
     seed: int
     wall_s: float
+    norm: str = "Linf"
+    max_perturbation: float = 0.0  # largest ||x_adv - x|| in the attack's norm, [0, 1] units
+    breakdown: dict = field(default_factory=dict)  # per-component robust accuracy (autoattack)
 
 
-def make_attack(name: str, clf, eps: float, batch_size: int = 128, steps: int = 10):
-    """An ART evasion attack; ``eps`` in [0, 1] units."""
-    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
+def check_attack(name: str, eps_255: float) -> None:
+    """Raise ConfigError for an unknown attack name or a negative/non-finite eps."""
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if not np.isfinite(eps_255) or eps_255 < 0:
+        raise ConfigError(f"invalid eps {eps_255}: must be >= 0 (units of 1/255)")
+
+
+def _norm(norm: str) -> float:
+    return np.inf if norm == "Linf" else 2.0
+
+
+def _predict(clf: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return clf.predict(x.astype(np.float32), batch_size=batch_size).argmax(1)
+
+
+def make_attack(
+    name: str, clf: Any, eps: float, batch_size: int = 128, p: AttackParams | int | None = None
+) -> tuple[Any, dict]:
+    """One ART attack object and its parameters (``eps`` in [0, 1] units).
+
+    ``p`` is the budgets; an int is read as the PGD step count (the earlier signature).
+    """
+    if not isinstance(p, AttackParams):
+        p = AttackParams() if p is None else AttackParams(pgd_steps=int(p))
+    from art.attacks.evasion import (
+        AutoProjectedGradientDescent,
+        CarliniL2Method,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+        SquareAttack,
+    )
 
     if name == "fgsm":
-        return FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=batch_size), {"norm": "Linf"}
-    if name == "pgd":
-        step = 2.5 * eps / steps
+        return FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=batch_size), {}
+    if name == "rfgsm":
+        # ART's form of R+FGSM: a uniform random start in the eps-ball, then one signed
+        # gradient step of (1 - alpha) * eps, projected back onto the eps-ball.
+        step = (1.0 - p.rfgsm_alpha) * eps
+        atk = FastGradientMethod(clf, norm=np.inf, eps=eps, eps_step=step, num_random_init=1, batch_size=batch_size)
+        return atk, {"random_start": "uniform", "step_size": step}
+    if name in ("pgd", "pgd-l2", "transfer-pgd"):
+        step = p.pgd_step_factor * eps / p.pgd_steps
         atk = ProjectedGradientDescent(
-            clf, norm=np.inf, eps=eps, eps_step=step, max_iter=steps,
-            num_random_init=1, batch_size=batch_size, verbose=False,
+            clf, norm=np.inf if name != "pgd-l2" else 2, eps=eps, eps_step=step, max_iter=p.pgd_steps,
+            num_random_init=p.pgd_restarts, batch_size=batch_size, verbose=False,
         )  # fmt: skip
-        return atk, {"norm": "Linf", "steps": steps, "step_size": step, "restarts": 1}
-    raise ConfigError(f"unknown attack {name!r}; choose one of {', '.join(WHITE_BOX)}")
+        return atk, {"steps": p.pgd_steps, "step_size": step, "restarts": p.pgd_restarts}
+    if name in ("apgd-ce", "apgd-t"):
+        loss = "cross_entropy" if name == "apgd-ce" else "difference_logits_ratio"
+        atk = AutoProjectedGradientDescent(
+            clf, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=p.apgd_iters, targeted=name == "apgd-t",
+            nb_random_init=1, batch_size=batch_size, loss_type=loss, verbose=False,
+        )  # fmt: skip
+        extra = {"targets": p.apgd_targets} if name == "apgd-t" else {}
+        return atk, {"iters": p.apgd_iters, "loss": loss, "restarts": 1, **extra}
+    if name == "square":
+        atk = SquareAttack(
+            clf, norm=np.inf, eps=eps, max_iter=p.square_queries, p_init=0.8,
+            nb_restarts=p.square_restarts, batch_size=batch_size, verbose=False,
+        )  # fmt: skip
+        return atk, {"queries": p.square_queries, "restarts": p.square_restarts, "p_init": 0.8}
+    if name == "cw-l2":
+        atk = CarliniL2Method(
+            clf, confidence=0.0, max_iter=p.cw_iters, binary_search_steps=p.cw_search_steps,
+            batch_size=batch_size, verbose=False,
+        )  # fmt: skip
+        return atk, {"iters": p.cw_iters, "binary_search_steps": p.cw_search_steps, "counted_within": "L2 <= eps"}
+    raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+
+
+def _targeted_apgd(clf: Any, atk: Any, x: np.ndarray, y: np.ndarray, robust: np.ndarray, k: int, bs: int) -> np.ndarray:
+    """APGD-T as AutoAttack runs it: the top-k non-true classes by logit, one target at a time.
+
+    ART's AutoAttack class loops over targets in class-index order and re-runs every attack
+    (APGD-CE included) targeted, so the per-target loop is written here.
+    """
+    x_adv = x.copy()
+    logits = clf.predict(x.astype(np.float32), batch_size=bs)
+    logits[np.arange(len(y)), y] = -np.inf
+    order = np.argsort(-logits, axis=1)
+    for t in range(min(k, logits.shape[1] - 1)):
+        idx = np.flatnonzero(robust)
+        if idx.size == 0:
+            break
+        cand = atk.generate(x[idx], y=order[idx, t])
+        fooled = _predict(clf, cand, bs) != y[idx]
+        x_adv[idx[fooled]] = cand[fooled]
+        robust[idx[fooled]] = False
+    return x_adv
+
+
+def autoattack(
+    clf: Any, x: np.ndarray, y: np.ndarray, eps: float, bs: int, p: AttackParams
+) -> tuple[np.ndarray, dict, dict]:
+    """AutoAttack's standard sequence with ART components: APGD-CE, APGD-T, Square.
+
+    Each attack runs only on the examples still robust, and the per-example worst case is
+    kept (what AutoAttack does). FAB-T is left out: ART has no FAB; in AutoAttack's own
+    reports FAB-T rarely lowers the accuracy left after APGD-T (the breakdown shows what
+    each component removed, so a reader can judge).
+    """
+    robust = _predict(clf, x, bs) == y
+    x_adv = x.copy()
+    breakdown: dict[str, float] = {"clean": float(robust.mean())}
+    params: dict[str, Any] = {}
+    for name in ("apgd-ce", "apgd-t", "square"):
+        idx = np.flatnonzero(robust)
+        atk, par = make_attack(name, clf, eps, bs, p)
+        params[name] = par
+        if idx.size:
+            if name == "apgd-t":
+                sub_rob = robust[idx].copy()
+                cand = _targeted_apgd(clf, atk, x[idx], y[idx], sub_rob, p.apgd_targets, bs)
+            else:
+                cand = atk.generate(x[idx], y=y[idx])
+            fooled = _predict(clf, cand, bs) != y[idx]
+            x_adv[idx[fooled]] = cand[fooled]
+            robust[idx[fooled]] = False
+        breakdown[f"after_{name}"] = float(robust.mean())
+    return x_adv, params, breakdown
+
+
+def generate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str,
+    eps_255: float,
+    *,
+    seed: int = 0,
+    batch_size: int = 128,
+    params: AttackParams | None = None,
+    source: nn.Module | None = None,
+) -> tuple[np.ndarray, dict, dict]:
+    """Adversarial examples (numpy, [0, 1]) of ``attack`` against ``model``.
+
+    ``transfer-pgd`` crafts PGD examples on ``source`` (e.g. the full-precision twin).
+    Returns (x_adv, attack parameters, breakdown).
+    """
+    check_attack(attack, eps_255)
+    p = params or AttackParams()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    xn, yn = x.numpy().astype(np.float32), y.numpy()
+    eps = eps_255 / 255.0
+    if eps_255 == 0:
+        return xn.copy(), {}, {}
+    shape = tuple(x.shape[1:])
+    if attack == "transfer-pgd":
+        if source is None:
+            raise ConfigError("transfer-pgd needs a source model (--transfer-from RUN_DIR, e.g. the FP twin)")
+        src = art_classifier(source, shape)
+        atk, par = make_attack(attack, src, eps, batch_size, p)
+        return atk.generate(xn, y=yn), par, {}
+    clf = art_classifier(model, shape)
+    if attack == "autoattack":
+        return autoattack(clf, xn, yn, eps, batch_size, p)
+    atk, par = make_attack(attack, clf, eps, batch_size, p)
+    if attack == "apgd-t":
+        robust = _predict(clf, xn, batch_size) == yn
+        return _targeted_apgd(clf, atk, xn, yn, robust, p.apgd_targets, batch_size), par, {}
+    return atk.generate(xn, y=yn).astype(np.float32), par, {}
 
 
 def robust_accuracy(
@@ -73,29 +268,45 @@ def robust_accuracy(
     eps_255: float,
     seed: int = 0,
     batch_size: int = 128,
-    steps: int = 10,
-) -> AttackResult:
-    """Accuracy on adversarial examples of ``attack`` at Linf ``eps_255``/255."""
-    if eps_255 < 0:
-        raise ConfigError(f"invalid eps {eps_255}: must be >= 0 (units of 1/255)")
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    clf = art_classifier(model, tuple(x.shape[1:]))
-    atk, params = make_attack(attack, clf, eps_255 / 255.0, batch_size, steps)
+    steps: int | None = None,
+    params: AttackParams | None = None,
+    source: nn.Module | None = None,
+    return_adv: bool = False,
+) -> AttackResult | tuple[AttackResult, np.ndarray]:
+    """Accuracy on adversarial examples of ``attack`` at ``eps_255``/255 (see module doc)."""
+    check_attack(attack, eps_255)
+    p = params or AttackParams()
+    if steps is not None:
+        p = AttackParams(**{**asdict(p), "pgd_steps": steps})
     t0 = time.time()
-    xn = x.numpy()
-    x_adv = atk.generate(xn) if eps_255 > 0 else xn
-    pred = clf.predict(x_adv, batch_size=batch_size).argmax(1)
-    acc = float((pred == y.numpy()).mean())
-    return AttackResult(attack, eps_255, acc, int(len(y)), params, seed, time.time() - t0)
+    x_adv, par, breakdown = generate(
+        model, x, y, attack, eps_255, seed=seed, batch_size=batch_size, params=p, source=source
+    )
+    clf = art_classifier(model, tuple(x.shape[1:]))
+    yn = y.numpy()
+    ok = (_predict(clf, x.numpy(), batch_size) == yn) & (_predict(clf, x_adv, batch_size) == yn)
+    kind, norm = ATTACKS[attack]
+    delta = (x_adv - x.numpy()).reshape(len(yn), -1)
+    dist = np.abs(delta).max(1) if norm == "Linf" else np.linalg.norm(delta, axis=1)
+    if attack == "cw-l2":  # minimal-perturbation attack: a success counts only inside the ball
+        ok |= (dist > eps_255 / 255.0 + 1e-6) & (_predict(clf, x.numpy(), batch_size) == yn)
+    r = AttackResult(
+        attack=attack, eps=float(eps_255), robust_acc=float(ok.mean()), n_examples=int(len(yn)),
+        params={"kind": kind, **par}, seed=seed, wall_s=time.time() - t0, norm=norm,
+        max_perturbation=float(dist.max()) if len(dist) else 0.0, breakdown=breakdown,
+    )  # fmt: skip
+    return (r, x_adv) if return_adv else r
 
 
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy (fraction) in eval mode."""
     model.eval()
     correct = 0
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+            pred = model(x[i : i + batch_size].to(dev)).argmax(1).cpu()
+            correct += int((pred == y[i : i + batch_size]).sum())
     return correct / max(1, len(y))
 
 

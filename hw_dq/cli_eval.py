@@ -1,0 +1,122 @@
+"""CLI verbs of the evaluation stage: ``attack``, ``analyse``, ``reproduce``, ``results``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hw_dq.errors import ConfigError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+def _params(a: argparse.Namespace) -> Any:
+    from hw_dq.attack import AttackParams
+
+    keys = ("pgd_steps", "pgd_restarts", "apgd_iters", "apgd_targets", "square_queries")
+    return AttackParams(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
+
+
+def cmd_attack(a: argparse.Namespace) -> int:
+    from hw_dq.attack import ATTACKS
+    from hw_dq.results import evaluate_run
+
+    for name in a.attacks:
+        if name not in ATTACKS:
+            raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    for e in a.eps:
+        if e < 0:
+            raise ConfigError(f"invalid eps {e:g}: must be >= 0 (units of 1/255)")
+    r = evaluate_run(
+        a.run_dir, a.attacks, a.eps, n=a.n, seed=a.seed, batch_size=a.batch_size, name=a.name,
+        params=_params(a), sanity=not a.no_sanity, transfer_from=a.transfer_from, defense=a.defense,
+        data=a.data, data_dir=a.data_dir, progress=not a.quiet,
+    )  # fmt: skip
+    from hw_dq.results import tabulate
+
+    print(tabulate([r]))
+    print(f"sanity: {r['sanity']['verdict']}; written to {a.run_dir}/attacks/{a.name}.json")
+    return 0
+
+
+def cmd_analyse(a: argparse.Namespace) -> int:
+    from hw_dq.analyse import analyse_runs
+
+    rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed)
+    print(rep["table"])
+    print(f"written to {a.out}")
+    return 0
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from hw_dq.reproduce import reproduce
+
+    reproduce(a.out, scale=a.scale, data_dir=a.data_dir, only=a.only, dry_run=a.dry_run, progress=not a.quiet)
+    return 0
+
+
+def cmd_results(a: argparse.Namespace) -> int:
+    from hw_dq.results import load, tabulate
+
+    print(tabulate(load(a.paths)))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the evaluation verbs to the ``hw-dq`` sub-parsers."""
+    p = sub.add_parser("attack", help="attack a trained run (ART: FGSM, PGD, AutoAttack, Square, ...)")
+    p.add_argument("run_dir")
+    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd"], help="comma list (default fgsm,pgd); "
+                   "fgsm, rfgsm, pgd, pgd-l2, cw-l2, apgd-ce, apgd-t, square, autoattack, transfer-pgd")  # fmt: skip
+    p.add_argument("--eps", type=_floats, default=[8.0], help="comma list in units of 1/255 (default 8)")
+    p.add_argument("--n", type=int, help="test examples (default: the whole test set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--name", default="robustness", help="results file stem under RUN_DIR/attacks/")
+    p.add_argument("--transfer-from", metavar="RUN_DIR", help="source model for transfer-pgd (e.g. the FP twin)")
+    p.add_argument("--defense", help="input squeezers in the loop, e.g. bits:4, median:2, bits:5+median:2")
+    p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking checks")
+    g = p.add_argument_group("attack budgets")
+    g.add_argument("--pgd-steps", type=int)
+    g.add_argument("--pgd-restarts", type=int)
+    g.add_argument("--apgd-iters", type=int)
+    g.add_argument("--apgd-targets", type=int)
+    g.add_argument("--square-queries", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("analyse", help="layer-wise error amplification of FP/VQ/DQ runs (table + PNG)")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="runs/analyse", help="directory for amplification.json/.md/.png")
+    p.add_argument("--attack", default="pgd", help="attack crafting x' (default pgd)")
+    p.add_argument("--eps", type=float, default=8.0, help="Linf eps in 1/255 (default 8)")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyse)
+
+    p = sub.add_parser("reproduce", help="the paper's experiment at CPU scale (resumable)")
+    p.add_argument("--out", default="benchmarks/results/reproduce")
+    p.add_argument("--scale", default="cpu", help="cpu (the stated ~2 h plan), smoke (minutes), or a JSON file")
+    p.add_argument("--data-dir", help="CIFAR-10 .npz directory (default ../shared/data when present)")
+    p.add_argument("--only", help="comma list of run names to do (default all)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("results", help="tabulate results JSON files (files or directories)")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_results)

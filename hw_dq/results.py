@@ -1,0 +1,297 @@
+"""Robustness results as data: one JSON file per evaluation, with a fixed schema.
+
+Schema ``hw-dq/robustness/v1`` (RobustBench-like; every accuracy is a fraction in [0, 1],
+every eps in units of 1/255)::
+
+    {
+      "schema": "hw-dq/robustness/v1",
+      "name": str,                   # file stem under RUN_DIR/attacks/
+      "created": str,                # ISO 8601 UTC
+      "hw_dq_version": str,
+      "run_dir": str,
+      "model": str, "width": float|null,
+      "mode": "FP"|"VQ"|"DQ",
+      "wbits": int|null, "abits": int|null,   # null = full precision
+      "beta": float, "lipschitz_target": str,
+      "adv_train": str, "adv_eps": float|null,  # "none" or "pgd"/"fgsm" with its eps
+      "defense": str|null,           # input defense in the loop (e.g. "bits:4+median:2")
+      "dataset": str, "split": "test", "n_examples": int, "seed": int,
+      "threat_model": "Linf", "eps_units": "1/255",
+      "clean_acc": float,
+      "evaluations": [               # one per (attack, eps)
+        {"attack": str, "kind": "white"|"black"|"ensemble"|"transfer", "norm": "Linf"|"L2",
+         "eps": float, "robust_acc": float, "n_examples": int, "seed": int, "wall_s": float,
+         "max_perturbation": float, "params": {...}, "breakdown": {...}}
+      ],
+      "headline": {"eps": float, "robust_acc": float|null, "attack": str|null},
+                                     # lowest Linf robust accuracy at the headline eps (8/255)
+      "sanity": {"verdict": "pass"|"warn"|"incomplete", "checks": [
+         {"name": str, "status": "pass"|"warn"|"skip", "evidence": str}]}
+    }
+
+:func:`load` reads and validates any set of these files; :func:`tabulate` prints them as
+one markdown table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hw_dq.errors import HwDqError
+
+SCHEMA = "hw-dq/robustness/v1"
+HEADLINE_EPS = 8.0
+MODES = ("FP", "VQ", "DQ")
+KINDS = ("white", "black", "ensemble", "transfer")
+STATUSES = ("pass", "warn", "skip")
+VERDICTS = ("pass", "warn", "incomplete")
+
+_NUM = (int, float)
+_TOP: dict[str, tuple[type, ...]] = {
+    "schema": (str,), "name": (str,), "created": (str,), "hw_dq_version": (str,), "run_dir": (str,),
+    "model": (str,), "width": (*_NUM, type(None)), "mode": (str,), "wbits": (int, type(None)),
+    "abits": (int, type(None)), "beta": _NUM, "lipschitz_target": (str,), "adv_train": (str,),
+    "adv_eps": (*_NUM, type(None)), "defense": (str, type(None)), "dataset": (str,), "split": (str,),
+    "n_examples": (int,), "seed": (int,), "threat_model": (str,), "eps_units": (str,), "clean_acc": _NUM,
+    "evaluations": (list,), "headline": (dict,), "sanity": (dict,),
+}  # fmt: skip
+_EVAL: dict[str, tuple[type, ...]] = {
+    "attack": (str,), "kind": (str,), "norm": (str,), "eps": _NUM, "robust_acc": _NUM, "n_examples": (int,),
+    "seed": (int,), "wall_s": _NUM, "max_perturbation": _NUM, "params": (dict,), "breakdown": (dict,),
+}  # fmt: skip
+
+
+class SchemaError(HwDqError):
+    """A results file does not follow :data:`SCHEMA`."""
+
+
+def _check_fields(obj: dict, spec: dict[str, tuple[type, ...]], where: str) -> None:
+    for key, types in spec.items():
+        if key not in obj:
+            raise SchemaError(f"{where}: missing field {key!r}")
+        v = obj[key]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise SchemaError(f"{where}: field {key!r} has type {type(v).__name__}, expected {types}")
+
+
+def _frac(v: float, what: str) -> None:
+    if not 0.0 <= v <= 1.0:
+        raise SchemaError(f"{what} = {v} is not a fraction in [0, 1]")
+
+
+def validate(obj: Any, where: str = "results") -> dict[str, Any]:
+    """Check ``obj`` against the schema; returns it, or raises :class:`SchemaError`."""
+    if not isinstance(obj, dict):
+        raise SchemaError(f"{where}: not a JSON object")
+    if obj.get("schema") != SCHEMA:
+        raise SchemaError(f"{where}: schema is {obj.get('schema')!r}, expected {SCHEMA!r}")
+    _check_fields(obj, _TOP, where)
+    if obj["mode"] not in MODES:
+        raise SchemaError(f"{where}: mode {obj['mode']!r} not in {MODES}")
+    _frac(obj["clean_acc"], f"{where}: clean_acc")
+    for i, ev in enumerate(obj["evaluations"]):
+        w = f"{where}: evaluations[{i}]"
+        if not isinstance(ev, dict):
+            raise SchemaError(f"{w}: not an object")
+        _check_fields(ev, _EVAL, w)
+        _frac(ev["robust_acc"], f"{w}.robust_acc")
+        if ev["kind"] not in KINDS or ev["norm"] not in ("Linf", "L2") or ev["eps"] < 0:
+            raise SchemaError(f"{w}: bad kind/norm/eps ({ev['kind']}, {ev['norm']}, {ev['eps']})")
+    san = obj["sanity"]
+    if san.get("verdict") not in VERDICTS or not isinstance(san.get("checks"), list):
+        raise SchemaError(f"{where}: sanity needs a verdict in {VERDICTS} and a list of checks")
+    for c in san["checks"]:
+        if not isinstance(c, dict) or c.get("status") not in STATUSES or not isinstance(c.get("evidence"), str):
+            raise SchemaError(f"{where}: sanity check {c!r} needs name, status in {STATUSES} and evidence")
+    return obj
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def headline(evaluations: Sequence[dict], eps: float = HEADLINE_EPS) -> dict[str, Any]:
+    """The lowest Linf robust accuracy at ``eps`` over all attacks (the reported number)."""
+    at = [e for e in evaluations if e["norm"] == "Linf" and abs(e["eps"] - eps) < 1e-9]
+    if not at:
+        return {"eps": eps, "robust_acc": None, "attack": None}
+    best = min(at, key=lambda e: e["robust_acc"])
+    return {"eps": eps, "robust_acc": best["robust_acc"], "attack": best["attack"]}
+
+
+def load(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Read and validate result files; a directory contributes every ``*.json`` below it."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*.json") if _looks_like_result(f))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise HwDqError(f"{p}: no such results file or directory")
+    out = []
+    for f in files:
+        try:
+            obj = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SchemaError(f"{f}: not valid JSON ({e})") from None
+        out.append(validate(obj, str(f)))
+    return out
+
+
+def _looks_like_result(f: Path) -> bool:
+    try:
+        return json.loads(f.read_text()).get("schema") == SCHEMA
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+        return False
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _bits(r: dict) -> str:
+    if r["wbits"] is None and r["abits"] is None:
+        return "fp32"
+    return f"w{r['wbits'] or 'f'}a{r['abits'] or 'f'}"
+
+
+def columns(results: Sequence[dict]) -> list[tuple[str, float, str]]:
+    """(attack, eps, norm) columns present in any result, in a stable order."""
+    seen: dict[tuple[str, float, str], None] = {}
+    for r in results:
+        for e in r["evaluations"]:
+            seen[(e["attack"], float(e["eps"]), e["norm"])] = None
+    return sorted(seen, key=lambda c: (c[2], c[0], c[1]))
+
+
+def tabulate(results: Sequence[dict], cols: Sequence[tuple[str, float, str]] | None = None) -> str:
+    """Markdown table: one row per result, robust accuracy (%) per attack and eps."""
+    cols = list(cols) if cols is not None else columns(results)
+    head = ["model", "mode", "bits", "beta", "adv. train", "defense", "n", "clean"]
+    head += [f"{a}@{e:g}" + ("" if n == "Linf" else f" ({n})") for a, e, n in cols]
+    head += ["headline", "sanity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ev = {(e["attack"], float(e["eps"]), e["norm"]): e["robust_acc"] for e in r["evaluations"]}
+        adv = r["adv_train"] if r["adv_train"] == "none" else f"{r['adv_train']}@{r['adv_eps']:g}"
+        cells = [r["model"], r["mode"], _bits(r), f"{r['beta']:g}", adv, r["defense"] or "-",
+                 str(r["n_examples"]), _pct(r["clean_acc"])]  # fmt: skip
+        cells += [_pct(ev.get(c)) for c in cols]
+        h = r["headline"]
+        cells += [f"{_pct(h['robust_acc'])} ({h['attack']})" if h["attack"] else "-", r["sanity"]["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Accuracies in %; eps in 1/255 (Linf radius, or L2 radius x 255 for L2 attacks).")
+    return "\n".join(lines)
+
+
+def describe(r: dict[str, Any]) -> str:
+    """A markdown report of one result: the table row, every evaluation and the sanity checks."""
+    lines = [f"# Robustness of {r['run_dir']} ({r['name']})", "", tabulate([r]), "", "## Evaluations", ""]
+    lines += [
+        "| attack | kind | norm | eps | robust acc | n | seed | wall s | params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in r["evaluations"]:
+        par = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e["params"].items())
+        lines.append(
+            f"| {e['attack']} | {e['kind']} | {e['norm']} | {e['eps']:g} | {_pct(e['robust_acc'])} "
+            f"| {e['n_examples']} | {e['seed']} | {e['wall_s']:.1f} | {par} |"
+        )
+    lines += ["", f"## Gradient-masking sanity checks: {r['sanity']['verdict'].upper()}", ""]
+    lines += [f"- **{c['status'].upper()}** {c['name']}: {c['evidence']}" for c in r["sanity"]["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    attacks: Sequence[str],
+    eps: Sequence[float],
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    name: str = "robustness",
+    params: Any = None,
+    sanity: bool = True,
+    sanity_cfg: Any = None,
+    transfer_from: str | Path | None = None,
+    defense: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Attack a run directory's model; writes ``RUN_DIR/attacks/<name>.json`` and ``.md``.
+
+    ``defense`` (e.g. ``"bits:4+median:2"``) puts input squeezers in the loop (see
+    :mod:`hw_dq.squeeze`); ``transfer_from`` is the source run for ``transfer-pgd``.
+    """
+    import hw_dq
+    from hw_dq import rundir as rd
+    from hw_dq.attack import ATTACKS, AttackParams, check_attack, clean_accuracy, robust_accuracy
+    from hw_dq.data import load_split
+    from hw_dq.errors import ConfigError
+    from hw_dq.sanity import run_checks
+
+    for a in attacks:
+        for e in eps:
+            check_attack(a, e)
+    if not attacks or not eps:
+        raise ConfigError("give at least one attack (--attacks) and one eps (--eps)")
+    if n is not None and n <= 0:
+        raise ConfigError(f"invalid --n {n}: must be positive")
+    if batch_size <= 0:
+        raise ConfigError(f"invalid --batch-size {batch_size}: must be positive")
+    run = Path(run_dir)
+    model, cfg = rd.load_model(run)
+    source = rd.load_model(transfer_from)[0] if transfer_from else None
+    if "transfer-pgd" in attacks and source is None:
+        raise ConfigError("attack transfer-pgd needs --transfer-from RUN_DIR (e.g. the full-precision twin)")
+    if defense:
+        from hw_dq.squeeze import apply_defense
+
+        model = apply_defense(model, defense)
+    tr = cfg.get("train", {})
+    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
+    x, y = ds.tensors()
+    params = params or AttackParams()
+    clean = clean_accuracy(model, x, y, batch_size)
+    evals = []
+    for a in attacks:
+        for e in eps:
+            r = robust_accuracy(model, x, y, a, e, seed=seed, batch_size=batch_size, params=params, source=source)
+            ev = {"attack": a, "kind": ATTACKS[a][0], "norm": r.norm, "eps": float(e), "robust_acc": r.robust_acc,
+                  "n_examples": r.n_examples, "seed": seed, "wall_s": round(r.wall_s, 3),
+                  "max_perturbation": r.max_perturbation, "params": r.params, "breakdown": r.breakdown}  # fmt: skip
+            evals.append(ev)
+            if progress:
+                print(f"  {a} @ {e:g}/255: {100 * r.robust_acc:.1f}% ({r.wall_s:.1f} s)", flush=True)
+    san = (
+        run_checks(
+            model, x, y, evals, clean, params=params, cfg=sanity_cfg, seed=seed, batch_size=batch_size, source=source
+        )  # fmt: skip
+        if sanity
+        else {"verdict": "incomplete", "checks": [{"name": "all", "status": "skip", "evidence": "--no-sanity"}]}
+    )
+    mc = cfg.get("model", {})
+    adv = tr.get("adv_train", "none")
+    result = {
+        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": hw_dq.__version__,
+        "run_dir": str(run), "model": mc.get("name", "?"), "width": mc.get("width"),
+        "mode": cfg.get("mode", "FP"), "wbits": mc.get("wbits"), "abits": mc.get("abits"),
+        "beta": float(tr.get("beta", 0.0)), "lipschitz_target": tr.get("lipschitz_target", "weight"),
+        "adv_train": adv, "adv_eps": tr.get("adv_eps") if adv != "none" else None, "defense": defense,
+        "dataset": ds.name, "split": "test", "n_examples": len(ds), "seed": seed,
+        "threat_model": "Linf", "eps_units": "1/255", "clean_acc": clean, "evaluations": evals,
+        "headline": headline(evals), "sanity": san,
+    }  # fmt: skip
+    validate(json.loads(json.dumps(result)), name)
+    out = run / "attacks"
+    rd.write_json(out / f"{name}.json", result)
+    rd.write_text(out / f"{name}.md", describe(result))
+    return result
