@@ -272,15 +272,39 @@ def build_model(
     n_verify: int = 4,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Build one QONNX model for ``board``; returns (and writes) the report."""
+    """Build one QONNX model for ``board``; returns (and writes) the report.
+
+    FINN's console chatter (prints, warnings) goes to ``BUILD_DIR/finn/build.log``.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            return _build_model(onnx_path, board, out, target_fps, fit, clock_mhz, sample_input, sample_output,
+                                n_verify, progress)  # fmt: skip
+    finally:
+        (out / "finn").mkdir(parents=True, exist_ok=True)
+        (out / "finn" / "build.log").write_text(buf.getvalue())
+
+
+def _build_model(
+    onnx_path: Any, board: Board, out: Path, target_fps: float | None, fit: bool, clock_mhz: float | None,
+    sample_input: Any, sample_output: Any, n_verify: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    import sys
+
     if target_fps is not None and target_fps <= 0:
         raise BuildError(f"invalid --target-fps {target_fps}: must be positive")
     if clock_mhz is not None and not 1 <= clock_mhz <= 1000:
         raise BuildError(f"invalid --clock-mhz {clock_mhz}: use 1..1000")
     t0 = time.time()
     model = load_qonnx(onnx_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tools = finn_compat.prepare_finn(out / "finn" / "tmp")
     finn_compat.quiet_finn_logging()
     vin, vout = _verification_vectors(model, out, sample_input, sample_output, n_verify)
@@ -298,7 +322,7 @@ def build_model(
     for name in ESTIMATE_STEPS:
         ts = time.time()
         if progress:
-            print(f"  {name.removeprefix('step_')} ...", flush=True)
+            print(f"  {name.removeprefix('step_')} ...", file=sys.__stdout__, flush=True)
         try:
             model = getattr(steps, name)(model, cfg)
         except HwDqError:

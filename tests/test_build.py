@@ -1,0 +1,107 @@
+"""FINN build: --fit within the board's limits (real FINN estimates), artifacts, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from hw_dq.boards import load_board_file
+from tests.conftest import assert_one_line_error, run_cli
+from tests.test_export import train_tiny
+
+ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("build")
+    run = train_tiny(root / "run")
+    boards = root / "boards"
+    boards.mkdir()
+    small = {  # a made-up small board, so that the limits bind for the tiny model
+        "name": "Small", "finn_board": "Pynq-Z1", "part": "xc7z020clg400-1",
+        "resources": {"LUT": 12000, "FF": 24000, "BRAM_18K": 40, "URAM": 0, "DSP": 20},
+        "clock_mhz": 100, "shell_flow": "vivado_zynq",
+    }  # fmt: skip
+    (boards / "Small.json").write_text(json.dumps(small))
+    proc = run_cli("build", str(run), "--board", "Small", "--fit", "--boards-dir", str(boards), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "fits FINN's recommended limits" in proc.stdout
+    return run, boards
+
+
+def test_fit_respects_limits_with_real_finn_estimates(built: tuple[Path, Path]) -> None:
+    run, boards = built
+    rep = json.loads((run / "build" / "Small" / "report.json").read_text())
+    board = load_board_file(boards / "Small.json")
+    limits = board.limits()
+    assert rep["fits"] and rep["folding"] == "fit"
+    for k in ESTIMATED:
+        assert rep["total"][k] <= limits[k], (k, rep["total"][k], limits[k])
+    search = rep["fit_search"]
+    assert any(not s["fits"] for s in search), "the limits should bind on this small board"
+    # nothing that fits in the search was faster than the chosen folding
+    assert rep["max_cycles"] <= min(s["max_cycles"] for s in search if s["fits"])
+    for s in search:
+        assert s["fits"] == all(s[k] <= limits[k] for k in ESTIMATED)
+    assert all(v.startswith("SUCCESS") for v in rep["verification"].values()), rep["verification"]
+
+
+def test_build_folder_has_its_artifacts(built: tuple[Path, Path]) -> None:
+    run, _ = built
+    out = run / "build" / "Small"
+    for f in ("report.json", "report.md", "dataflow_model.onnx", "dataflow_parent.onnx", "folding_config.json",
+              "build_config.json", "sample_input.npy", "sample_output.npy"):  # fmt: skip
+        assert (out / f).is_file(), f
+    cfg = json.loads((out / "build_config.json").read_text())
+    assert "step_synthesize_bitfile" in cfg["steps"] and "deployment_package" in cfg["generate_outputs"]
+    assert cfg["fpga_part"] == "xc7z020clg400-1"
+    fold = json.loads((out / "folding_config.json").read_text())
+    assert any(k.startswith("MVAU") and "PE" in v for k, v in fold.items())
+    md = (out / "report.md").read_text()
+    assert "finn build build_config.json dataflow_model.onnx" in md and "bottleneck" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["layers"] and rep["bottleneck"] and rep["fps"] > 0 and rep["latency_us"] > 0
+
+
+def test_target_fps_and_clock_override(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from hw_dq.build import build_run
+
+    run, _ = built
+    rep = build_run(run, "Pynq-Z1", target_fps=5000, clock_mhz=200, out=tmp_path / "b")
+    assert rep["clock_mhz"] == 200 and rep["folding"] == "target_fps"
+    assert rep["fps"] >= 5000 * 0.95
+
+
+def test_truncated_and_non_qonnx_files_are_one_line_errors(built: tuple[Path, Path], tmp_path: Path) -> None:
+    run, _ = built
+    data = (run / "export" / "qonnx.onnx").read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run_cli("build", str(cut), "--board", "Pynq-Z1"), "not a valid ONNX file")
+    node = helper.make_node("Relu", ["x"], ["y"])
+    g = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32, 32])],
+    )  # fmt: skip
+    plain = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(g), str(plain))
+    assert_one_line_error(run_cli("build", str(plain), "--board", "Pynq-Z1"), "not a QONNX model")
+
+
+def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
+    """A Wide ResNet with convex-combination residuals does not streamline into FINN layers."""
+    import torch
+
+    from hw_dq.export import export_model, sample_images
+    from hw_dq.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("wrn", 2, 2, width=1, depth=10).eval()
+    export_model(model, tmp_path, sample_images({}, 2))
+    proc = run_cli("build", str(tmp_path / "qonnx.onnx"), "--board", "ZCU104", "--quiet")
+    assert_one_line_error(proc, "cannot be mapped to FINN hardware")
