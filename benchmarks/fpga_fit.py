@@ -48,7 +48,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, no GPU/Vivado"
     res = {"machine": machine, "weights": "untrained random-init full-width CNV (seed 0)", "rows": rows,
-           "finn_examples_source": "FINN estimate of finn-examples build/bnn-pynq folding configs, Pynq-Z1 part, 200 MHz"}  # fmt: skip
+           "finn_examples_source": "FINN estimate of finn-examples build/bnn-pynq folding configs, "
+           "Pynq-Z1 part, 200 MHz"}  # fmt: skip
     OUT.mkdir(exist_ok=True)
     (OUT / "fpga_fit.json").write_text(json.dumps(res, indent=2) + "\n")
     head = (

@@ -120,7 +120,8 @@ def check_mapped(model: Any) -> None:
     gin = model.graph.input[0].name
     bad = [
         n for n in model.graph.node
-        if not n.domain.startswith("finn.custom_op.fpgadataflow") and not (n.op_type == "Transpose" and n.input[0] == gin)
+        if not n.domain.startswith("finn.custom_op.fpgadataflow")
+        and not (n.op_type == "Transpose" and n.input[0] == gin)
     ]  # fmt: skip
     if not bad:
         return
@@ -193,7 +194,8 @@ def search_fit(
 ) -> dict[str, Any]:
     """Highest FINN-estimated FPS whose FINN resource estimate is within the board's limits.
 
-    For each variant (MVAU weight-width cap, sliding-window buffer ram_style), bisect (in log space) FINN's SetFolding target cycles per
+    For each variant (MVAU weight-width cap, sliding-window buffer ram_style), bisect (in log
+    space) FINN's SetFolding target cycles per
     frame; every candidate is folded by FINN and priced by FINN's resource estimate.
     """
     clk = cfg.synth_clk_period_ns
@@ -535,7 +537,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     ]  # fmt: skip
     for k in ESTIMATED:
         lines.append(
-            f"| {k} | {r['total'][k]:,.0f} | {r['capacity'][k]:,} | {r['limits'][k]:,.0f} | {100 * r['utilisation'][k]:.1f}% |"
+            f"| {k} | {r['total'][k]:,.0f} | {r['capacity'][k]:,} | {r['limits'][k]:,.0f} "
+            f"| {100 * r['utilisation'][k]:.1f}% |"
         )
     lines.append(f"| FF | n/a | {r['capacity']['FF']:,} | {r['limits']['FF']:,.0f} | {r['FF']} |")
     lines += ["", "| layer | cycles | LUT | BRAM_18K | URAM | DSP |", "|---|---|---|---|---|---|"]

@@ -43,7 +43,7 @@ class ToolReport:
             return f"Vivado found at {self.vivado} ({self.source})"
         return (
             "Vivado/Vitis not found (XILINX_VIVADO unset, no 'vivado' on PATH): stopped after the "
-            "estimate reports; run build_config.json's command on a machine with Vivado for the bitfile"
+            "estimate reports; run build_config.json's command on a machine with Vivado for the bitfile."
         )
 
 
