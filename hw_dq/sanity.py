@@ -196,9 +196,9 @@ def _white_vs_black(pr: _Probe, cfg: SanityConfig) -> dict[str, Any]:
         src = "evaluation"
     else:
         white, n, _ = pr.get("pgd", e, probe=True)
-        sq = AttackParams(**{**asdict(pr.params), "square_queries": cfg.square_queries})
-        black, _, _ = pr.get("square", e, params=sq)
-        src = f"probe n={n}, Square {cfg.square_queries} queries"
+        q = min(cfg.square_queries, pr.params.square_queries)
+        black, _, _ = pr.get("square", e, params=AttackParams(**{**asdict(pr.params), "square_queries": q}))
+        src = f"probe n={n}, Square {q} queries"
     tol = tolerance(black, n, cfg.tol_abs)
     return _check("white_box_beats_black_box", white <= black + tol,
                   f"at {e:g}/255: best gradient attack {_pct(white)} vs Square {_pct(black)} "

@@ -1,0 +1,127 @@
+"""Attack stage: ART attacks respect eps and the [0, 1] box, PGD breaks an undefended model, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hw_dq import rundir as rd
+from hw_dq.attack import AttackParams, clean_accuracy, generate, robust_accuracy
+from hw_dq.data import load_split
+from hw_dq.train import TrainConfig, train
+from tests.conftest import assert_one_line_error, run_cli
+
+SMALL = AttackParams(apgd_iters=10, apgd_targets=2, square_queries=50, cw_iters=5, cw_search_steps=2)
+
+
+def tiny_run(root: Path) -> Path:
+    """A small full-precision CNN trained for 3 epochs on the embedded CIFAR-10 sample (~48%)."""
+    run = root / "tiny_fp"
+    cfg = TrainConfig(model="tiny", wbits=None, abits=None, epochs=3, batch_size=32, lr=0.02, weight_decay=0.0)
+    train(cfg, run, resume=True, progress=False)
+    return run
+
+
+def test_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_split("sample", "test").take(n, seed).tensors()
+
+
+test_data.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def model(run_dir: Path) -> torch.nn.Module:
+    return rd.load_model(run_dir)[0]
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "rfgsm", "pgd", "apgd-ce", "apgd-t", "square", "autoattack"])
+def test_linf_attacks_respect_eps_and_box(model, attack):
+    x, y = test_data(24)
+    x_adv, _, _ = generate(model, x, y, attack, 8.0, params=SMALL)
+    assert x_adv.shape == tuple(x.shape)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert np.abs(x_adv - x.numpy()).max() <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("attack", ["pgd-l2", "cw-l2"])
+def test_l2_attacks_respect_radius_and_box(model, attack):
+    x, y = test_data(8)
+    r, x_adv = robust_accuracy(model, x, y, attack, 64.0, params=SMALL, return_adv=True)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    if attack == "pgd-l2":
+        assert r.max_perturbation <= 64 / 255 + 1e-5
+    assert r.norm == "L2" and 0.0 <= r.robust_acc <= 1.0
+
+
+def test_pgd_drives_undefended_model_to_zero(model):
+    x, y = test_data(96)
+    assert clean_accuracy(model, x, y) > 0.3
+    small = robust_accuracy(model, x, y, "pgd", 2.0)
+    large = robust_accuracy(model, x, y, "pgd", 64.0)
+    assert large.robust_acc <= 0.02 < small.robust_acc
+    assert large.n_examples == 96 and large.params["steps"] == 10
+
+
+def test_eps_zero_is_clean_accuracy_and_seed_is_deterministic(model):
+    x, y = test_data(48)
+    assert robust_accuracy(model, x, y, "pgd", 0.0).robust_acc == pytest.approx(clean_accuracy(model, x, y))
+    a = robust_accuracy(model, x, y, "rfgsm", 8.0, seed=3).robust_acc
+    assert robust_accuracy(model, x, y, "rfgsm", 8.0, seed=3).robust_acc == a
+
+
+def test_cli_attack_writes_validated_results(run_dir):
+    from hw_dq.results import load
+
+    proc = run_cli("attack", str(run_dir), "--attacks", "fgsm,pgd", "--eps", "2,8", "--n", "32", "--name", "t",
+                   "--square-queries", "50", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (res,) = load([run_dir / "attacks" / "t.json"])
+    assert [(e["attack"], e["eps"]) for e in res["evaluations"]] == [("fgsm", 2), ("fgsm", 8), ("pgd", 2), ("pgd", 8)]
+    assert all(e["wall_s"] >= 0 and e["n_examples"] == 32 and e["seed"] == 0 for e in res["evaluations"])
+    assert res["mode"] == "FP" and res["sanity"]["verdict"] in ("pass", "warn")
+    assert (run_dir / "attacks" / "t.md").read_text().startswith("# Robustness")
+    assert json.loads((run_dir / "attacks" / "t.json").read_text())["headline"]["eps"] == 8.0
+
+
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """``hw_dq.cli.main`` in this process (no re-import), as a CompletedProcess for the asserts."""
+    from hw_dq.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def test_cli_unknown_attack_is_one_line_exit_2(run_dir):
+    # the real command line, once: exit status and stderr as a user sees them
+    assert_one_line_error(run_cli("attack", str(run_dir), "--attacks", "fgsm,deepfoo", "--n", "8"), "deepfoo")
+
+
+def test_cli_negative_eps(run_dir, capsys):
+    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps=-2", "--n", "8"), "eps")
+    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "2,x"), "numbers")
+
+
+def test_cli_run_dir_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "tiny", "wbits": None, "abits": None}}))
+    assert_one_line_error(cli_in_process(capsys, "attack", str(tmp_path), "--n", "8"), "checkpoint")
+    assert_one_line_error(cli_in_process(capsys, "attack", str(tmp_path / "nope"), "--n", "8"), "does not exist")
+
+
+def test_cli_transfer_needs_source(run_dir, capsys):
+    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "transfer-pgd", "--n", "8")
+    assert_one_line_error(proc, "--transfer-from")

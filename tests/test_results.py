@@ -1,0 +1,76 @@
+"""The results schema: validation, loading, tabulating."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from hw_dq.results import SCHEMA, SchemaError, headline, load, tabulate, validate
+
+
+def example() -> dict:
+    ev = [
+        {"attack": a, "kind": k, "norm": "Linf", "eps": e, "robust_acc": acc, "n_examples": 100, "seed": 0,
+         "wall_s": 1.5, "max_perturbation": e / 255, "params": {"steps": 10}, "breakdown": {}}
+        for a, k, e, acc in [("fgsm", "white", 8.0, 0.3), ("pgd", "white", 8.0, 0.2), ("square", "black", 8.0, 0.25),
+                             ("pgd", "white", 2.0, 0.5)]
+    ]  # fmt: skip
+    return {
+        "schema": SCHEMA, "name": "robustness", "created": "2025-01-01T00:00:00Z", "hw_dq_version": "0.1.0",
+        "run_dir": "runs/x", "model": "cnv", "width": 0.5, "mode": "DQ", "wbits": 2, "abits": 2, "beta": 3e-3,
+        "lipschitz_target": "bn_folded", "adv_train": "none", "adv_eps": None, "defense": None,
+        "dataset": "cifar10[:100]", "split": "test", "n_examples": 100, "seed": 0, "threat_model": "Linf",
+        "eps_units": "1/255", "clean_acc": 0.6, "evaluations": ev, "headline": headline(ev),
+        "sanity": {"verdict": "pass", "checks": [{"name": "x", "status": "pass", "evidence": "y"}]},
+    }  # fmt: skip
+
+
+def test_valid_example_and_headline_is_lowest_at_8():
+    r = validate(example())
+    assert r["headline"] == {"eps": 8.0, "robust_acc": 0.2, "attack": "pgd"}
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda r: r.pop("clean_acc"), "clean_acc"),
+        (lambda r: r.update(clean_acc=1.5), "fraction"),
+        (lambda r: r.update(schema="other/v0"), "schema"),
+        (lambda r: r.update(mode="XQ"), "mode"),
+        (lambda r: r.update(n_examples="100"), "n_examples"),
+        (lambda r: r["evaluations"][0].pop("wall_s"), "wall_s"),
+        (lambda r: r["evaluations"][1].update(kind="grey"), "kind"),
+        (lambda r: r["evaluations"][1].update(robust_acc=-0.1), "fraction"),
+        (lambda r: r["sanity"].update(verdict="ok"), "verdict"),
+        (lambda r: r["sanity"]["checks"].append({"name": "z", "status": "fail", "evidence": ""}), "status"),
+    ],
+)
+def test_invalid_results_are_rejected(mutate, needle):
+    r = copy.deepcopy(example())
+    mutate(r)
+    with pytest.raises(SchemaError, match=needle):
+        validate(r)
+
+
+def test_load_directory_and_tabulate(tmp_path):
+    (tmp_path / "a" / "attacks").mkdir(parents=True)
+    (tmp_path / "a" / "attacks" / "robustness.json").write_text(json.dumps(example()))
+    (tmp_path / "a" / "config.json").write_text("{}")  # not a results file: ignored
+    other = example()
+    other.update(mode="VQ", beta=0.0, defense="bits:4")
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    rs = load([tmp_path / "a", tmp_path / "b.json"])
+    assert [r["mode"] for r in rs] == ["DQ", "VQ"]
+    text = tabulate(rs)
+    assert "| cnv | DQ | w2a2 | 0.003 | none | - | 100 | 60.0 | 30.0 | 50.0 | 20.0 | 25.0 | 20.0 (pgd) | pass |" in text
+    assert "bits:4" in text
+
+
+def test_load_rejects_bad_files(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        load([tmp_path / "bad.json"])
+    with pytest.raises(Exception, match="no such"):
+        load([tmp_path / "missing.json"])

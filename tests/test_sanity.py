@@ -1,0 +1,59 @@
+"""Gradient-masking checks: they warn on a deliberately masked model and pass on a normal one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hw_dq import rundir as rd
+from hw_dq.attack import AttackParams, clean_accuracy, robust_accuracy
+from hw_dq.sanity import SanityConfig, run_checks
+from tests.test_attack import test_data, tiny_run
+
+PARAMS = AttackParams(square_queries=300)
+CFG = SanityConfig(n_probe=64, square_queries=300, strong_steps_factor=3, strong_restarts=2)
+
+
+class HardRound(nn.Module):
+    """Rounds the input to 4 levels with torch.round: its gradient is exactly zero (no STE)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 3) / 3
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    evals = []
+    for a in ("fgsm", "pgd"):
+        for e in (2.0, 8.0):
+            r = robust_accuracy(model, x, y, a, e, params=PARAMS)
+            evals.append({"attack": a, "norm": r.norm, "eps": e, "robust_acc": r.robust_acc,
+                          "n_examples": r.n_examples})  # fmt: skip
+    return run_checks(model, x, y, evals, clean_accuracy(model, x, y), params=PARAMS, cfg=CFG)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
+    return rd.load_model(tiny_run(tmp_path_factory.getbasetemp()))[0]
+
+
+def test_checks_pass_on_a_normal_model(net):
+    x, y = test_data(64)
+    rep = evaluate(net, x, y)
+    status = {c["name"]: c["status"] for c in rep["checks"]}
+    assert rep["verdict"] == "pass", rep["checks"]
+    assert set(status) == {"monotone_in_eps", "zero_at_large_eps", "iterative_beats_single_step",
+                           "white_box_beats_black_box", "more_steps_restarts"}  # fmt: skip
+
+
+def test_checks_warn_on_a_gradient_masked_model(net):
+    masked = nn.Sequential(HardRound(), net).eval()
+    x, y = test_data(64)
+    assert clean_accuracy(masked, x, y) > 0.2  # still a working classifier
+    rep = evaluate(masked, x, y)
+    status = {c["name"]: c["status"] for c in rep["checks"]}
+    assert rep["verdict"] == "warn"
+    # zero gradients: white-box attacks cannot move the input, Square (scores only) can
+    assert status["white_box_beats_black_box"] == "warn", rep["checks"]
+    assert status["zero_at_large_eps"] == "warn", rep["checks"]
+    assert all(c["evidence"] for c in rep["checks"])
