@@ -46,11 +46,25 @@ def variants(betas: list[float]) -> dict[str, dict[str, Any]]:
     return v
 
 
+def diverged_epoch(out: Path) -> int | None:
+    """First epoch whose training loss is not finite (hw_dq.train.fit keeps going on NaN)."""
+    import math
+
+    from hw_dq import rundir as rd
+
+    for m in rd.read_jsonl(out / rd.METRICS):
+        if not math.isfinite(m["loss"]):
+            return int(m["epoch"])
+    return None
+
+
 def train_variant(name: str, overrides: dict[str, Any], fp_epochs: int, q_epochs: int) -> Path:
     from hw_dq.config import load_config
     from hw_dq.train import train
 
     out = RUNS / name
+    if diverged_epoch(out) is not None:
+        return out  # a diverged run is reported as such, not trained further
     fp = name == "fp"
     extra: dict[str, Any] = {"epochs": fp_epochs} if fp else {"epochs": q_epochs, "init_from": str(RUNS / "fp")}
     cfg = load_config("cnv_cpu", data="sample", data_dir=None, seed=SEED, **extra, **overrides)
@@ -87,6 +101,10 @@ def evaluate(name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.T
     cache = out / "bench_eval.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    bad = diverged_epoch(out)
+    if bad is not None:
+        m = rd.read_jsonl(out / rd.METRICS)
+        return {"diverged_at_epoch": bad, "epochs_run": len(m), "last_test_acc": m[-1]["test_acc"]}
     model, cfg = rd.load_model(out)
     t0 = time.time()
     res: dict[str, Any] = {
@@ -137,12 +155,16 @@ def render(rows: dict[str, Any], meta: dict[str, Any]) -> str:
         return next(a["robust_acc"] for a in r["transfer_from_fp"] if a["eps"] == eps)
 
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    ok = {n: r for n, r in rows.items() if "diverged_at_epoch" not in r}
+    diverged = [f"* **{n}** (target {r['target']}, beta {r['beta']:g}): training loss NaN from epoch "
+                f"{r['diverged_at_epoch'] + 1} on (training stopped after {r['epochs_run']} epochs; not evaluated)."
+                for n, r in rows.items() if "diverged_at_epoch" in r]  # fmt: skip
     main = md_table(
         ["variant", "target", "beta", "clean (1000)", "clean (500)",
          *[f"FGSM {e:g}" for e in EPS], *[f"PGD-10 {e:g}" for e in EPS], *[f"transfer {e:g}" for e in EPS]],
         [[n, r["target"], f"{r['beta']:g}", pct(r["clean_acc_1000"]), pct(r["clean_acc_500"]),
           *[pct(wb(r, "fgsm", e)) for e in EPS], *[pct(wb(r, "pgd", e)) for e in EPS],
-          *[pct(tr(r, e)) for e in EPS]] for n, r in rows.items()],
+          *[pct(tr(r, e)) for e in EPS]] for n, r in ok.items()],
     )  # fmt: skip
     lip = md_table(
         ["variant", "mean ||BN(W_q)||", "max ||BN(W_q)||", "network bound", "mean ||W|| float",
@@ -152,7 +174,7 @@ def render(rows: dict[str, Any], meta: dict[str, Any]) -> str:
           f"{r['lipschitz']['max_bn_gain']:.3f}", f"{r['lipschitz']['ortho_residual_weight_sum']:.3g}",
           f"{r['train']['last_epoch']['ce']:.3f}", f"{r['train']['last_epoch']['reg']:.3g}",
           f"{r['train']['reg_over_ce_last']:.3g}", f"{r['train']['first_epoch']['reg']:.3g}"]
-         for n, r in rows.items()],
+         for n, r in ok.items()],
     )  # fmt: skip
     return "\n\n".join(
         [
@@ -165,6 +187,7 @@ def render(rows: dict[str, Any], meta: dict[str, Any]) -> str:
             f"(embedded sample, take({meta['n_attack']}, seed={SEED})), seed {SEED}. 'transfer' = the same "
             f"PGD-{PGD_STEPS} examples crafted once on the FP model and fed to each model (black-box transfer).",
             main,
+            *(["Diverged runs:\n\n" + "\n".join(diverged)] if diverged else []),
             "## Lipschitz diagnostic (final weights, BN folded in, quantized weights) and training loss terms",
             lip,
         ]
@@ -192,10 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in names}
     from hw_dq import rundir as rd
 
-    fp_model, _ = rd.load_model(outs["fp"])
-    t0 = time.time()
-    transfer = {eps: craft_pgd(fp_model, x, eps) for eps in EPS}
-    print(f"transfer examples crafted on fp in {time.time() - t0:.0f}s", flush=True)
+    cache = RUNS / f"transfer_fp_pgd{PGD_STEPS}_n{args.n_attack}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            transfer = {eps: z[f"eps{eps:g}"] for eps in EPS}
+    else:
+        fp_model, _ = rd.load_model(outs["fp"])
+        t0 = time.time()
+        transfer = {eps: craft_pgd(fp_model, x, eps) for eps in EPS}
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"eps{eps:g}": a for eps, a in transfer.items()})
+        tmp.replace(cache)
+        print(f"transfer examples crafted on fp in {time.time() - t0:.0f}s", flush=True)
     rows = {}
     for n in names:
         r = evaluate(n, outs[n], x, y, xt, yt, transfer)

@@ -39,7 +39,7 @@ CONFIGS: dict[str, tuple[int | None, float, str]] = {
     "DQ w4a4 weight": (4, DQ_BETA, "weight"),
     "DQ w4a4 bn_folded": (4, DQ_BETA, "bn_folded"),
 }
-W2A2 = ["FP", "VQ w2a2", "DQ w2a2 weight", "DQ w2a2 bn_folded"]
+ATTEMPT_CONFIGS = ["FP", "VQ w2a2"]  # DQ = VQ + the regulariser, which the attempts do not touch
 
 
 # ----------------------------------------------------------------------------- child side
@@ -145,10 +145,13 @@ def child_profile(name: str, steps: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- parent side
-def spawn(args: list[str], env: dict[str, str] | None = None, timeout: int = 900) -> dict[str, Any]:
+def spawn(args: list[str], env: dict[str, str] | None = None, timeout: int = 3600) -> dict[str, Any]:
     full_env = {**os.environ, **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], cwd=REPO, env=full_env,
-                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    try:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], cwd=REPO, env=full_env,
+                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s", "returncode": None}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -172,7 +175,7 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
 
 def render(res: dict[str, Any]) -> str:
     base = res["baseline"]
-    mem = res["memory"]
+    mem = res.get("memory", {})
     rows = []
     for n in CONFIGS:
         m = mem.get(n, {})
@@ -184,17 +187,17 @@ def render(res: dict[str, Any]) -> str:
     lim = {k: 1.5 if k.endswith("/ FP") else 1.05 for k in goal}
     goal_rows = [[k, f"{v:.3f}", f"<= {lim[k]}", "met" if v <= lim[k] else "NOT met"] for k, v in goal.items()]
     att_rows = []
-    for a in res["attempts"]:
+    for a in res.get("attempts", []):
         if "error" in a["result"]:
             att_rows.append([a["name"], a["how"], "failed: " + a["result"]["error"][:150], "", "", ""])
             continue
         med = a["result"]["median_s"]
         ref = a["reference"]
-        for n in W2A2:
+        for n in ATTEMPT_CONFIGS:
             if n in med and n in ref:
                 att_rows.append([a["name"], a["how"], n, f"{1000 * ref[n]:.0f}", f"{1000 * med[n]:.0f}",
                                  f"{med[n] / ref[n]:.2f}"])  # fmt: skip
-    prof = res["profile"]
+    prof = res.get("profile", {})
     prof_rows = [[o["op"], f"{o['calls_per_step']:.0f}", f"{o['self_cpu_ms_per_step']:.1f}", f"{100 * o['share']:.1f}%"]
                  for o in prof.get("top_ops", [])]  # fmt: skip
     return "\n\n".join(
@@ -210,9 +213,10 @@ def render(res: dict[str, Any]) -> str:
             "## Goals",
             md_table(["ratio (median step time)", "value", "goal", ""], goal_rows),
             "## What was tried to speed up the quantized step",
-            "Each attempt runs FP and the w2a2 configurations in a fresh process; 'reference' is the same "
-            "configuration in the baseline-settings process run right before it ('ref ms'), 'ratio' < 1 is "
-            "faster.",
+            f"Each attempt times FP and VQ w2a2 ({res.get('attempt_reps')} interleaved steps after "
+            f"{res['warmup']} warm-up) in a fresh process; 'ref ms' is the same configurations in a "
+            "baseline-settings process run right before it; 'ratio' < 1 is faster. DQ is VQ plus the "
+            "regulariser, which none of the attempts touches.",
             md_table(["attempt", "how", "config", "ref ms", "ms", "ratio"], att_rows),
             f"## Where the time goes: torch.profiler, one {prof.get('config')} step (self CPU time)",
             f"Total self CPU time per step: {prof.get('total_self_cpu_ms_per_step', float('nan')):.0f} ms.",
@@ -223,9 +227,10 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--mem-steps", type=int, default=3)
+    ap.add_argument("--mem-steps", type=int, default=2)
+    ap.add_argument("--attempt-reps", type=int, default=4)
     ap.add_argument("--skip-attempts", action="store_true")
     ap.add_argument("--child", choices=("time", "memory", "profile"))
     ap.add_argument("--names", nargs="*", default=list(CONFIGS))
@@ -244,39 +249,44 @@ def main(argv: list[str] | None = None) -> None:
         elif args.child == "memory":
             r = child_memory(args.names[0], args.mem_steps)
         else:
-            r = child_profile(args.names[0], 3)
+            r = child_profile(args.names[0], 2)
         print("RESULT " + json.dumps(r), flush=True)
         return
 
     res: dict[str, Any] = {"machine": machine(), "reps": args.reps, "warmup": args.warmup, "mem_steps": args.mem_steps,
                            "batch": BATCH, "dq_beta": DQ_BETA}  # fmt: skip
     common = ["--reps", str(args.reps), "--warmup", str(args.warmup)]
+    acommon = ["--reps", str(args.attempt_reps), "--warmup", str(args.warmup)]
+    res["attempt_reps"] = args.attempt_reps
     print("baseline (all configurations, one process) ...", flush=True)
     res["baseline"] = spawn(["--child", "time", *common])
     if "error" in res["baseline"]:
         raise SystemExit(f"baseline failed: {res['baseline']['error']}")
     res["ratios"] = ratios(res["baseline"]["median_s"])
     print(json.dumps(res["ratios"], indent=2), flush=True)
+    write_results("train_step", res, render(res))
     res["memory"] = {}
     for n in CONFIGS:
         res["memory"][n] = spawn(["--child", "memory", "--names", n, "--mem-steps", str(args.mem_steps)])
         print(f"memory {n}: {res['memory'][n]}", flush=True)
+    write_results("train_step", res, render(res))
     res["profile"] = spawn(["--child", "profile", "--names", "VQ w2a2"])
+    write_results("train_step", res, render(res))
     res["attempts"] = []
     if not args.skip_attempts:
-        nthreads = len(os.sched_getaffinity(0))
         attempts = [
             ("BREVITAS_JIT=1", "environment variable set before brevitas is imported", [], {"BREVITAS_JIT": "1"}),
             ("channels_last", "model and input in torch.channels_last", ["--channels-last"], {}),
+            ("1 thread", "torch.set_num_threads(1) (default here: all usable cores)", ["--threads", "1"], {}),
             ("torch.compile", "torch.compile(model) (inductor, default mode); ms after compilation", ["--compile"], {}),
-            ("1 thread", "torch.set_num_threads(1)", ["--threads", "1"], {}),
-            (f"{nthreads} threads", f"torch.set_num_threads({nthreads}) (explicit)", ["--threads", str(nthreads)], {}),
         ]
         for name, how, flags, env in attempts:
             print(f"attempt {name} ...", flush=True)
-            ref = spawn(["--child", "time", "--names", *W2A2, *common])
-            r = spawn(["--child", "time", "--names", *W2A2, *common, *flags], env=env, timeout=1800)
+            ref = spawn(["--child", "time", "--names", *ATTEMPT_CONFIGS, *acommon])
+            r = spawn(["--child", "time", "--names", *ATTEMPT_CONFIGS, *acommon, *flags], env=env,
+                      timeout=900 if "--compile" in flags else 3600)  # fmt: skip
             res["attempts"].append({"name": name, "how": how, "reference": ref.get("median_s", {}), "result": r})
+            write_results("train_step", res, render(res))
             print(f"  reference {ref.get('median_s')}\n  attempt   {r.get('median_s', r)}", flush=True)
     text = render(res)
     js, md = write_results("train_step", res, text)
