@@ -15,14 +15,15 @@ build folder::
       finn/                       FINN's own output (report/, intermediate_models/, verification_output/)
 
 Folding: ``target_fps``, or ``fit``: the highest throughput whose FINN resource estimate stays
-within FINN's recommended utilisation of the board, searched over FINN's SetFolding targets.
+within FINN's recommended utilisation of the board, searched over FINN's SetFolding targets,
+with weight/window memories moved from BRAM to LUTRAM (and multipliers to DSPs) where the
+estimate is over a limit. The report and build folder are written by :mod:`hw_dq.build_report`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from hw_dq import finn_compat
-from hw_dq import rundir as rd
 from hw_dq.boards import Board, get_board
+from hw_dq.build_report import ESTIMATED, finish_build
 from hw_dq.errors import HwDqError
 
 QUANT_OPS = ("Quant", "BipolarQuant", "BinaryQuant", "Trunc", "MultiThreshold")
@@ -50,7 +51,6 @@ HW_ATTRS = [
     "PE", "SIMD", "parallel_window", "ram_style", "ram_style_thresholds", "resType", "mem_mode",
     "runtime_writeable_weights", "depth", "impl_style", "preferred_impl_style",
 ]  # fmt: skip
-ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")  # FINN's analytical estimate has no FF figure
 
 
 class BuildError(HwDqError):
@@ -134,6 +134,52 @@ def check_mapped(model: Any) -> None:
 
 
 # ---------------------------------------------------------------- FINN plumbing
+def _has_residual(model: Any) -> bool:
+    """A fork (tensor read by two nodes) or an add of two streams: the graph needs residual streamlining."""
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    return any(c > 1 for t, c in consumers.items() if model.get_initializer(t) is None) or any(
+        n.op_type == "Add" and all(model.get_initializer(i) is None for i in n.input) for n in model.graph.node
+    )
+
+
+def step_streamline_residual(model: Any, cfg: Any) -> Any:
+    """FINN's streamlining; for residual graphs first move scalar scales past forks and joins.
+
+    A scale at a fork goes into both branches (``MoveLinearPastFork``), identical scales on both
+    inputs of an add go past it (``MoveLinearPastEltwiseAdd``), then FINN's ``Streamline`` absorbs
+    them into thresholds. A GlobalAveragePool becomes FINN's GlobalAccPool and a scale that
+    streamlining moves past the classifier. Chain graphs get FINN's plain ``step_streamline``.
+    """
+    from finn.builder import build_dataflow_steps as steps
+
+    if not _has_residual(model):
+        return steps.step_streamline(model, cfg)
+    from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
+    from finn.transformation.streamline import Streamline
+    from finn.transformation.streamline.absorb import AbsorbScalarBiasIntoMultiThreshold
+    from finn.transformation.streamline.reorder import (
+        MoveLinearPastEltwiseAdd,
+        MoveLinearPastFork,
+        MoveScalarLinearPastInvariants,
+    )
+    from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
+
+    finn_compat.reduce_mean_as_global_avg_pool(model)
+    for _ in range(3):
+        model = model.transform(AbsorbScalarBiasIntoMultiThreshold())
+        model = model.transform(MoveLinearPastFork())
+        model = model.transform(MoveLinearPastEltwiseAdd())
+        model = model.transform(MoveScalarLinearPastInvariants())
+        model = model.transform(Streamline())
+    model = model.transform(InferGlobalAccPoolLayer())  # integer input by now; its 1/N scale streamlines away
+    model = steps.step_streamline(model, cfg)
+    # a shortcut's signed quantizer on an unsigned stream has thresholds below the input range
+    return model.transform(RoundAndClipThresholds())
+
+
 def _finn_config(board: Board, out: Path, clock_mhz: float, vin: Path, vout: Path, **kw: Any) -> Any:
     from finn.builder import build_dataflow_config as bc
 
@@ -169,65 +215,124 @@ def _fits(total: dict[str, float], board: Board) -> dict[str, bool]:
     return {k: total.get(k, 0.0) <= lim[k] for k in ESTIMATED}
 
 
-def _fold(model: Any, cfg: Any, target_cycles: int, wmax: int, swg_ram: str | None = None) -> Any:
-    """FINN's SetFolding for a cycles target; optionally the sliding-window buffers' ram_style."""
+def _fold(model: Any, cfg: Any, target_cycles: int, wmax: int, board: Board | None = None) -> dict[str, Any]:
+    """FINN's SetFolding for a cycles target, then memory placement for ``board``; returns model + estimate."""
     from finn.builder import build_dataflow_steps as steps
     from finn.transformation.fpgadataflow.set_folding import SetFolding
-    from qonnx.custom_op.registry import getCustomOp
     from qonnx.transformation.general import GiveUniqueNodeNames
 
     m = copy.deepcopy(model).transform(SetFolding(int(target_cycles), mvau_wwidth_max=wmax, two_pass_relaxation=True))
     m = m.transform(GiveUniqueNodeNames())
-    if swg_ram:
-        for node in m.graph.node:
-            if node.op_type.startswith("ConvolutionInputGenerator"):
-                getCustomOp(node).set_nodeattr("ram_style", swg_ram)
     m = steps.step_minimize_bit_width(m, cfg)
-    return steps.step_transpose_decomposition(m, cfg)
+    finn_compat.keep_bipolar_weights(m)
+    m = steps.step_transpose_decomposition(m, cfg)
+    placement = place_memories(m, board) if board is not None else []
+    return {"model": m, "target_cycles": int(target_cycles), "mvau_wwidth_max": wmax, "placement": placement,
+            **_estimate(m, cfg.fpga_part, cfg.synth_clk_period_ns)}  # fmt: skip
 
 
-FIT_VARIANTS: tuple[tuple[int, str | None], ...] = ((36, None), (36, "distributed"), (144, "distributed"))
+def _node_res(inst: Any, part: str, attr: str, value: str) -> tuple[dict[str, float], dict[str, float]]:
+    """FINN's estimate of one node before and after setting ``attr`` to ``value`` (left unchanged)."""
+    old = inst.get_nodeattr(attr)
+    before = inst.node_res_estimation(part)
+    inst.set_nodeattr(attr, value)
+    after = inst.node_res_estimation(part)
+    inst.set_nodeattr(attr, old)
+    return before, after
 
 
-def search_fit(
-    model: Any, cfg: Any, board: Board, variants: tuple[tuple[int, str | None], ...] = FIT_VARIANTS
-) -> dict[str, Any]:
+def _moves(model: Any, part: str, attr: str, value: str, freed: str, paid: str) -> list[tuple[float, Any, dict]]:
+    """Candidate (cost per unit freed, node, resource delta) for setting ``attr=value`` per node."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    out = []
+    for node in model.graph.node:
+        if not node.op_type.startswith(("MVAU", "ConvolutionInputGenerator", "VVAU")):
+            continue
+        inst = getCustomOp(node)
+        types = inst.get_nodeattr_types()
+        if attr not in types or inst.get_nodeattr(attr) == value:
+            continue
+        if node.op_type.startswith(("MVAU", "VVAU")) and inst.get_nodeattr("mem_mode") != "internal_decoupled":
+            continue
+        before, after = _node_res(inst, part, attr, value)
+        delta = {k: float(after.get(k, 0)) - float(before.get(k, 0)) for k in ESTIMATED}
+        if delta[freed] < 0:
+            out.append((max(0.0, delta[paid]) / -delta[freed], node, delta))
+    return sorted(out, key=lambda c: c[0])
+
+
+def place_memories(model: Any, board: Board) -> list[str]:
+    """Trade resources where FINN's estimate exceeds the board's limit; returns what was changed.
+
+    BRAM over the limit: weight / sliding-window memories go to LUTRAM (``ram_style=distributed``),
+    most BRAM freed per LUT first, while LUT stays within its limit. LUT over the limit: MVAU
+    multipliers go to DSPs (``resType=dsp``) the same way. Every figure is FINN's node estimate.
+    """
+    from qonnx.custom_op.registry import getCustomOp
+
+    part, lim = board.part, board.limits()
+    total = _estimate_totals(model, part)
+    changed: list[str] = []
+    plan = [("ram_style", "distributed", "BRAM_18K", "LUT"), ("resType", "dsp", "LUT", "DSP"),
+            ("ram_style", "distributed", "BRAM_18K", "LUT")]  # fmt: skip
+    for attr, value, freed, paid in plan:
+        if total[freed] <= lim[freed]:
+            continue
+        for _, node, delta in _moves(model, part, attr, value, freed, paid):
+            if total[freed] <= lim[freed]:
+                break
+            if any(total[k] + delta[k] > lim[k] for k in ESTIMATED if delta[k] > 0):
+                continue
+            getCustomOp(node).set_nodeattr(attr, value)
+            total = {k: total[k] + delta[k] for k in ESTIMATED}
+            changed.append(f"{node.name}.{attr}={value}")
+    return changed
+
+
+def _estimate_totals(model: Any, part: str) -> dict[str, float]:
+    from finn.analysis.fpgadataflow.res_estimation import res_estimation
+
+    res = model.analysis(partial(res_estimation, fpgapart=part))
+    return {k: float(sum(float(r.get(k, 0)) for r in res.values())) for k in ESTIMATED}
+
+
+FIT_WWIDTH = (36, 144)  # SetFolding's MVAU weight-width cap: SIMD first up to this width, then PE
+
+
+def search_fit(model: Any, cfg: Any, board: Board, wwidths: tuple[int, ...] = FIT_WWIDTH) -> dict[str, Any]:
     """Highest FINN-estimated FPS whose FINN resource estimate is within the board's limits.
 
-    For each variant (MVAU weight-width cap, sliding-window buffer ram_style), bisect (in log
-    space) FINN's SetFolding target cycles per
-    frame; every candidate is folded by FINN and priced by FINN's resource estimate.
+    For each MVAU weight-width cap, bisect (in log space) FINN's SetFolding target cycles per
+    frame; every candidate is folded by FINN, its memories placed (:func:`place_memories`)
+    and priced by FINN's resource estimate.
     """
-    clk = cfg.synth_clk_period_ns
     evaluated: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    for wmax, swg in variants:
+    for wmax in wwidths:
         lo_fail, hi_ok = 1, None
-        slow = _fold(model, cfg, 10**9, wmax, swg)
-        est = _estimate(slow, board.part, clk)
-        top = est["max_cycles"]
+        slow = _fold(model, cfg, 10**9, wmax, board)
+        top = slow["max_cycles"]
         cands = [top]
         while cands:
             t = cands.pop()
-            m = slow if t == top else _fold(model, cfg, t, wmax, swg)
-            est = est if t == top else _estimate(m, board.part, clk)
-            ok = all(_fits(est["total"], board).values())
-            evaluated.append({"target_cycles": t, "mvau_wwidth_max": wmax, "swg_ram_style": swg or "default",
-                              "max_cycles": est["max_cycles"],
-                              "fps": est["fps"], **est["total"], "fits": ok})  # fmt: skip
-            if ok and (best is None or est["max_cycles"] < best["max_cycles"]):
-                best = {"model": m, "target_cycles": t, "mvau_wwidth_max": wmax, "swg_ram_style": swg, **est}
+            cand = slow if t == top else _fold(model, cfg, t, wmax, board)
+            ok = all(_fits(cand["total"], board).values())
+            evaluated.append({"target_cycles": t, "mvau_wwidth_max": wmax, "max_cycles": cand["max_cycles"],
+                              "fps": cand["fps"], **cand["total"], "fits": ok,
+                              "moved": len(cand["placement"])})  # fmt: skip
+            if ok and (best is None or cand["max_cycles"] < best["max_cycles"]):
+                best = cand
             if ok:
                 hi_ok = t
             else:
                 lo_fail = max(lo_fail, t)
-            saturated = ok and est["max_cycles"] > 2 * t  # FINN cannot unfold further: lower targets change nothing
+            saturated = ok and cand["max_cycles"] > 2 * t  # FINN cannot unfold further: lower targets change nothing
             if hi_ok is None or saturated or hi_ok <= lo_fail + 1 or hi_ok / lo_fail <= 1.05:
                 break
             cands.append(max(lo_fail + 1, int(math.sqrt(lo_fail * hi_ok))))
     if best is None:  # not even the slowest folding fits: report it, built fully folded
-        m = _fold(model, cfg, 10**9, *variants[0])
-        best = {"model": m, "target_cycles": 10**9, "mvau_wwidth_max": variants[0][0], **_estimate(m, board.part, clk)}
+        best = _fold(model, cfg, 10**9, wwidths[0], board)
     best["search"] = evaluated
     return best
 
@@ -326,7 +431,10 @@ def _build_model(
         if progress:
             print(f"  {name.removeprefix('step_')} ...", file=sys.__stdout__, flush=True)
         try:
-            model = getattr(steps, name)(model, cfg)
+            fn = step_streamline_residual if name == "step_streamline" else getattr(steps, name)
+            model = fn(model, cfg)
+            if name == "step_minimize_bit_width_initial":
+                finn_compat.keep_bipolar_weights(model)
         except HwDqError:
             raise
         except Exception as e:
@@ -343,19 +451,14 @@ def _build_model(
         chosen = search_fit(model, cfg, board)
         mode = "fit"
     else:
-        cycles = max(1, int(clk * 1e6 / target_fps))
-        m = _fold(model, cfg, cycles, 36)
-        chosen = {
-            "model": m,
-            "target_cycles": cycles,
-            "mvau_wwidth_max": 36,
-            **_estimate(m, board.part, cfg.synth_clk_period_ns),
-        }
+        chosen = _fold(model, cfg, max(1, int(clk * 1e6 / target_fps)), 36, board)
         mode = "target_fps"
     timings["folding"] = round(time.time() - ts, 2)
     model = steps.step_generate_estimate_reports(chosen["model"], cfg)
+    est = _estimate(model, board.part, cfg.synth_clk_period_ns)
     return finish_build(
-        model=model, cfg=cfg, board=board, out=out, chosen=chosen, mode=mode, target_fps=target_fps,
+        model=model, cfg=cfg, board=board, out=out, chosen=chosen, est=est, fits=_fits(est["total"], board),
+        mode=mode, target_fps=target_fps,
         clock_mhz=clk, verification=verification, timings=timings, tools=tools, started=t0,
         bitstream_steps=BITSTREAM_STEPS, hw_attrs=HW_ATTRS,
     )  # fmt: skip
@@ -431,120 +534,3 @@ def demo_summary(run_dir: str | Path, board: str = "Pynq-Z1") -> dict[str, Any]:
         f"{rep['tools_line']} Build folder: {rep['build_dir']}."
     )
     return rep
-
-
-# ---------------------------------------------------------------- report and build folder
-def finish_build(
-    *, model: Any, cfg: Any, board: Board, out: Path, chosen: dict[str, Any], mode: str, target_fps: float | None,
-    clock_mhz: float, verification: dict[str, str], timings: dict[str, float], tools: Any, started: float,
-    bitstream_steps: list[str], hw_attrs: list[str],
-) -> dict[str, Any]:  # fmt: skip
-    """Write the build folder (model, folding, FINN continuation config, report) and return the report."""
-    import json
-
-    from finn.util.config import extract_model_config_to_json
-
-    fdir = Path(cfg.output_dir)
-    model.save(str(out / "dataflow_model.onnx"))
-    parent = Path(cfg.get_intermediate_models_directory()) / "dataflow_parent.onnx"
-    if parent.is_file():
-        shutil.copyfile(parent, out / "dataflow_parent.onnx")
-    extract_model_config_to_json(model, str(out / "folding_config.json"), hw_attrs)
-    est = _estimate(model, board.part, cfg.synth_clk_period_ns)
-    perf = json.loads((Path(cfg.get_report_directory()) / "estimate_network_performance.json").read_text())
-    cap = board.resources
-    util = {k: est["total"][k] / cap[k] if cap[k] else (0.0 if est["total"][k] == 0 else math.inf) for k in ESTIMATED}
-    fits = _fits(est["total"], board)
-    layers = [
-        {"layer": n, "cycles": int(est["cycles"].get(n, 0)), **{k: float(r.get(k, 0)) for k in ESTIMATED}}
-        for n, r in est["layers"].items()
-    ]
-    cont = _continuation_config(cfg, board, out, bitstream_steps)
-    command = f"cd {out.resolve()} && finn build build_config.json dataflow_model.onnx"
-    report = {
-        "board": board.to_dict(), "clock_mhz": clock_mhz, "folding": mode, "target_fps": target_fps,
-        "fps": float(perf["estimated_throughput_fps"]), "latency_us": float(perf["estimated_latency_ns"]) / 1000.0,
-        "max_cycles": int(perf["max_cycles"]), "bottleneck": str(perf["max_cycles_node_name"]),
-        "total": est["total"], "capacity": cap, "limits": board.limits(), "utilisation": util,
-        "fits": all(fits.values()), "fits_by_resource": fits,
-        "FF": "not estimated by FINN's analytical model (checked by Vivado synthesis)",
-        "layers": layers, "verification": verification, "fit_search": chosen.get("search", []),
-        "mvau_wwidth_max": chosen.get("mvau_wwidth_max"),
-        "swg_ram_style": chosen.get("swg_ram_style") or "default", "tools": tools.to_dict(), "tools_line": tools.line(),
-        "bitstream_command": command, "build_dir": str(out), "step_seconds": timings,
-        "wall_seconds": round(time.time() - started, 1),
-    }  # fmt: skip
-    if tools.has_vivado:
-        report["bitstream"] = _run_bitstream(out, cont)
-    rd.write_json(out / "report.json", report)
-    rd.write_text(out / "report.md", report_markdown(report))
-    _ = fdir
-    return report
-
-
-def _continuation_config(cfg: Any, board: Board, out: Path, bitstream_steps: list[str]) -> dict[str, Any]:
-    """A FINN build config (JSON) that continues the folded model to bitfile, driver and package."""
-    d = {
-        "output_dir": "bitstream", "synth_clk_period_ns": cfg.synth_clk_period_ns, "board": board.finn_board,
-        "fpga_part": board.part, "shell_flow_type": board.shell_flow, "steps": bitstream_steps,
-        "generate_outputs": ["stitched_ip", "rtlsim_performance", "bitfile", "pynq_driver", "deployment_package"],
-        "folding_config_file": "folding_config.json", "verify_steps": ["stitched_ip_rtlsim"],
-        "verify_input_npy": "sample_input.npy", "verify_expected_output_npy": "sample_output.npy",
-        "auto_fifo_depths": True, "save_intermediate_models": True,
-    }  # fmt: skip
-    if board.vitis_platform:
-        d["vitis_platform"] = board.vitis_platform
-    # the stitched-IP verification runs the parent graph; the continuation finds it here
-    inter = out / "bitstream" / "intermediate_models"
-    inter.mkdir(parents=True, exist_ok=True)
-    if (out / "dataflow_parent.onnx").is_file():
-        shutil.copyfile(out / "dataflow_parent.onnx", inter / "dataflow_parent.onnx")
-    rd.write_json(out / "build_config.json", d)
-    return d
-
-
-def _run_bitstream(out: Path, cont: dict[str, Any]) -> dict[str, Any]:
-    """Where Vivado is installed: continue to bitfile, driver and deployment package in-process."""
-    import os
-
-    from finn.builder.build_dataflow import build_dataflow_cfg
-    from finn.builder.build_dataflow_config import DataflowBuildConfig
-
-    here = os.getcwd()
-    try:
-        os.chdir(out)
-        cfg = DataflowBuildConfig.from_dict(cont)
-        rc = build_dataflow_cfg("dataflow_model.onnx", cfg)
-    finally:
-        os.chdir(here)
-    if rc != 0:
-        raise BuildError(f"FINN bitstream build failed (exit {rc}); see {out / 'bitstream' / 'build_dataflow.log'}")
-    return {"exit": rc, "dir": str(out / "bitstream")}
-
-
-def report_markdown(r: dict[str, Any]) -> str:
-    """The build report as markdown."""
-    b = r["board"]
-    lines = [
-        f"# FINN build: {b['name']} ({b['part']}) at {r['clock_mhz']:.0f} MHz", "",
-        f"- folding: **{r['folding']}**; estimated throughput **{r['fps']:,.0f} FPS**, latency "
-        f"{r['latency_us']:,.1f} us; bottleneck `{r['bottleneck']}` ({r['max_cycles']:,} cycles/frame)",
-        f"- fits FINN's recommended utilisation: **{'yes' if r['fits'] else 'NO'}**",
-        "- verification (FINN python execution on sample images): "
-        + "; ".join(f"{k}: {v}" for k, v in r["verification"].items()),
-        f"- {r['tools_line']}", f"- bitstream: `{r['bitstream_command']}`", "",
-        "| resource | estimate | capacity | limit | utilisation |", "|---|---|---|---|---|",
-    ]  # fmt: skip
-    for k in ESTIMATED:
-        lines.append(
-            f"| {k} | {r['total'][k]:,.0f} | {r['capacity'][k]:,} | {r['limits'][k]:,.0f} "
-            f"| {100 * r['utilisation'][k]:.1f}% |"
-        )
-    lines.append(f"| FF | n/a | {r['capacity']['FF']:,} | {r['limits']['FF']:,.0f} | {r['FF']} |")
-    lines += ["", "| layer | cycles | LUT | BRAM_18K | URAM | DSP |", "|---|---|---|---|---|---|"]
-    for layer in r["layers"]:
-        lines.append(
-            f"| {layer['layer']} | {layer['cycles']:,} | {layer['LUT']:,.0f} | {layer['BRAM_18K']:,.0f} "
-            f"| {layer['URAM']:,.0f} | {layer['DSP']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -131,3 +131,57 @@ def quiet_finn_logging() -> None:
 
     for name in ("finn", "qonnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def keep_bipolar_weights(model: Any) -> int:
+    """Undo finn-plus' widening of {-1, +1} weights from BIPOLAR (1 bit) to INT2; returns the count.
+
+    finn-plus 1.6.1's value-based ``MinimizeWeightBitWidth`` picks the smallest *signed integer*
+    type that holds the weights' range, which for binary {-1, +1} weights is INT2: twice the
+    weight memory and wider multipliers than the BIPOLAR type FINN's MVAU supports natively
+    (``Recast<Binary>`` weights with non-bipolar inputs, as in finn-examples' w1a2 CNV).
+    Applied only where the weight initializer is annotated BIPOLAR and holds only -1/+1.
+    """
+    import numpy as np
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    fixed = 0
+    for node in model.graph.node:
+        if not node.op_type.startswith(("MVAU", "VVAU")) or len(node.input) < 2:
+            continue
+        w = model.get_initializer(node.input[1])
+        if w is None or model.get_tensor_datatype(node.input[1]) != DataType["BIPOLAR"]:
+            continue
+        inst = getCustomOp(node)
+        if inst.get_nodeattr("weightDataType") != "BIPOLAR" and np.isin(w, (-1.0, 1.0)).all():
+            inst.set_nodeattr("weightDataType", "BIPOLAR")
+            fixed += 1
+    return fixed
+
+
+def reduce_mean_as_global_avg_pool(model: Any) -> int:
+    """Rewrite ``ReduceMean(axes=[2, 3], keepdims=1)`` on NCHW into ``GlobalAveragePool``; returns the count.
+
+    torch's dynamo exporter writes ``AdaptiveAvgPool2d(1)`` as a ReduceMean over H and W, which
+    finn-plus 1.6.1 maps to hardware only behind an Im2Col; the equivalent GlobalAveragePool is
+    what FINN's streamlining moves scales past and ``InferGlobalAccPoolLayer`` maps.
+    """
+    from onnx import helper
+
+    changed = 0
+    for i, node in enumerate(list(model.graph.node)):
+        if node.op_type != "ReduceMean" or len(node.input) < 2:
+            continue
+        axes = model.get_initializer(node.input[1])
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        shape = model.get_tensor_shape(node.input[0])
+        if axes is None or keep != 1 or shape is None or len(shape) != 4:
+            continue
+        if sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        gap = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=node.name + "_gap")
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, gap)
+        changed += 1
+    return changed
