@@ -80,8 +80,29 @@ class Tiny(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+RESIDUAL_BITS = 8  # the shared signed quantizer of both residual terms: step 2 * 6 / 254
+
+
+def residual_quant(spec: QuantSpec) -> nn.Module:
+    """Signed 8-bit quantizer on [-6, 6] with a constant scale (identity when activations are float).
+
+    One instance quantizes both terms of a residual sum, so that they reach the add as integers
+    on the same grid: FINN can then move the common scale past the add (an integer AddStreams).
+    """
+    if spec.abits is None:
+        return nn.Identity()
+    import brevitas.nn as qnn
+
+    from hw_dq.quant import ACT_MAX, FixedRangeActQuant
+
+    return qnn.QuantIdentity(
+        act_quant=FixedRangeActQuant, bit_width=RESIDUAL_BITS, min_val=-ACT_MAX, max_val=ACT_MAX,
+        signed=True, narrow_range=True, return_quant_tensor=False,
+    )  # fmt: skip
+
+
 class ConvexBlock(nn.Module):
-    """``act(lam * shortcut(x) + (1 - lam) * bn2(conv2(act(bn1(conv1(x))))))``."""
+    """``act(q(lam * shortcut(x)) + q((1 - lam) * bn2(conv2(act(bn1(conv1(x)))))))``, one shared ``q``."""
 
     def __init__(self, spec: QuantSpec, cin: int, cout: int, stride: int, lam: float):
         super().__init__()
@@ -93,10 +114,11 @@ class ConvexBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(spec.conv(cin, cout, 1, stride, 0), nn.BatchNorm2d(cout))
+        self.merge = residual_quant(spec)
         self.act = spec.act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.lam * self.shortcut(x) + (1.0 - self.lam) * self.branch(x))
+        return self.act(self.merge(self.lam * self.shortcut(x)) + self.merge((1.0 - self.lam) * self.branch(x)))
 
 
 class WideResNet(nn.Module):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from hw_dq.boards import load_board_file
+from hw_dq.quant import QuantSpec
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_export import train_tiny
 
@@ -93,15 +96,58 @@ def test_truncated_and_non_qonnx_files_are_one_line_errors(built: tuple[Path, Pa
     assert_one_line_error(run_cli("build", str(plain), "--board", "Pynq-Z1"), "not a QONNX model")
 
 
-def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
-    """A Wide ResNet with convex-combination residuals does not streamline into FINN layers."""
-    import torch
+class _Unmappable(torch.nn.Module):
+    """A quantized CNN with a sine between two layers: an op that FINN has no hardware layer for."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        spec = QuantSpec(2, 2)
+        self.input_quant, self.act, self.act2 = spec.input_quant(), spec.act(), spec.act()
+        self.conv, self.conv2 = spec.conv(3, 8, 3, 1, 1), spec.conv(8, 8, 3, 1, 1)
+        self.head = spec.linear(8 * 32 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv(self.input_quant(x)))
+        return self.head(torch.flatten(self.act2(torch.sin(self.conv2(x))), 1))
+
+
+def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
+    """An op with no FINN hardware layer is a one-line error naming the layer."""
+    from hw_dq.export import export_model, sample_images
+
+    torch.manual_seed(0)
+    export_model(_Unmappable().eval(), tmp_path, sample_images({}, 2))
+    proc = run_cli("build", str(tmp_path / "qonnx.onnx"), "--board", "ZCU104", "--target-fps", "100", "--quiet")
+    assert_one_line_error(proc, "cannot be mapped to FINN hardware", "Sin")
+
+
+def lively(model: torch.nn.Module) -> torch.nn.Module:
+    """Spread the BatchNorm outputs so that an untrained low-bit model's activations are not all zero."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(0.05)
+                m.bias.normal_(1.5, 1.0)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4])
+def test_small_wrn_builds_with_finn_verification(tmp_path: Path, bits: int) -> None:
+    """WRN-10-1: convex-combination residuals (one shared quantizer) map to FINN layers, verified."""
+    from hw_dq.boards import get_board
+    from hw_dq.build import build_model
     from hw_dq.export import export_model, sample_images
     from hw_dq.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("wrn", 2, 2, width=1, depth=10).eval()
-    export_model(model, tmp_path, sample_images({}, 2))
-    proc = run_cli("build", str(tmp_path / "qonnx.onnx"), "--board", "ZCU104", "--quiet")
-    assert_one_line_error(proc, "cannot be mapped to FINN hardware")
+    exp = export_model(lively(create_model("wrn", bits, bits, width=1, depth=10)), tmp_path, sample_images({}, 4))
+    out = np.load(exp.sample_output)
+    assert np.ptp(out, axis=0).max() > 0, "trivial (constant) outputs would make the verification vacuous"
+    rep = build_model(exp.qonnx, get_board("ZCU104"), tmp_path / "b", target_fps=1000,
+                      sample_input=exp.sample_input, sample_output=exp.sample_output)  # fmt: skip
+    assert set(rep["verification"]) >= {"streamlined_python", "hw_layers_python"}
+    assert all(v.startswith("SUCCESS") for v in rep["verification"].values()), rep["verification"]
+    names = [layer["layer"] for layer in rep["layers"]]
+    assert any(n.startswith("ElementwiseAdd") for n in names) and any(n.startswith("DuplicateStreams") for n in names)
+    assert rep["fits"] and rep["fps"] >= 950
