@@ -207,12 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     mach = machine()
     vs = variants(args.betas)
     names = args.only or list(vs)
-    if "fp" not in names:
-        names = ["fp", *names]
+    train_names = names if "fp" in names else ["fp", *names]  # every quantized run starts from fp
     test = load_split("sample", "test")
     xt, yt = test.tensors()
     x, y = test.take(args.n_attack, SEED).tensors()
-    outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in names}
+    outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in train_names}
     from hw_dq import rundir as rd
 
     cache = RUNS / f"transfer_fp_pgd{PGD_STEPS}_n{args.n_attack}.npz"

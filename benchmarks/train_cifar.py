@@ -129,7 +129,10 @@ def render(rows: dict[str, Any], mach: dict[str, Any]) -> str:
     n_ep = max((len(r["test_acc_per_epoch"]) for r in rows.values()), default=0)
     per_epoch = md_table(
         ["variant", *[f"epoch {i + 1}" for i in range(n_ep)]],
-        [[n, *[f"{100 * a:.2f}%" for a in r["test_acc_per_epoch"]]] for n, r in rows.items()],
+        [
+            [n, *[f"{100 * a:.2f}%" for a in r["test_acc_per_epoch"]], *["-"] * (n_ep - r["epochs_done"])]
+            for n, r in rows.items()
+        ],
     )
     return "\n\n".join(
         [
