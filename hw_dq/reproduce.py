@@ -130,12 +130,12 @@ def _resolve_data_dir(s: Scale, data_dir: str | None) -> str | None:
 
 
 def _done(path: Path, key: dict[str, Any]) -> bool:
-    marker = path.with_suffix(".settings.json")
+    marker = path.with_suffix(".settings")
     return path.is_file() and marker.is_file() and json.loads(marker.read_text()) == key
 
 
 def _mark(path: Path, key: dict[str, Any]) -> None:
-    rd.write_json(path.with_suffix(".settings.json"), key)
+    rd.write_json(path.with_suffix(".settings"), key)
 
 
 def reproduce(
@@ -304,12 +304,15 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, str]]:
         ev = "; ".join(f"{lab}: {100 * a:.1f}% vs {100 * b:.1f}%" for lab, a, b in pairs)
         return {"claim": claim, "verdict": verdict, "evidence": f"{ev} (tolerance {100 * tol:.1f} points)"}
 
+    def best_dq(a: int) -> float | None:
+        return max((v for v in (get(f"dq1-a{a}"), get(f"dq2-a{a}")) if v is not None), default=None)
+
     low = [a for a in abits if a <= 2]
     out = [
         compare("VQ is less robust than FP at low bits (FP vs VQ, worst-case robust acc. at 8/255)",
                 [(f"FP vs VQ a{a}", get("fp"), get(f"vq-a{a}")) for a in low]),
         compare("DQ is at least as robust as FP (best DQ vs FP; 'no measurable difference' also satisfies it)",
-                [(f"DQ a{a} vs FP", max(filter(None, [get(f"dq1-a{a}"), get(f"dq2-a{a}")]), default=None),
+                [(f"DQ a{a} vs FP", best_dq(a),
                   get("fp")) for a in abits]),
         compare("larger beta is more robust (DQ beta2 vs beta1)",
                 [(f"a{a}", get(f"dq2-a{a}"), get(f"dq1-a{a}")) for a in abits]),

@@ -15,7 +15,7 @@ white-box attacks weak while the model is not robust. Each check below returns `
 
 Numbers from the main evaluation are used where they exist; otherwise the check runs its
 own small probe on the first ``n_probe`` examples. A difference counts only when it is
-larger than ``max(tol_abs, 2 * binomial standard error)``.
+larger than ``max(tol_abs, 2 * binomial standard error)`` (see :func:`tolerance`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ class SanityConfig:
 
 
 def tolerance(p: float, n: int, tol_abs: float) -> float:
-    """Slack for comparing two accuracies measured on ``n`` examples."""
-    return max(tol_abs, 2.0 * math.sqrt(max(p * (1 - p), 1e-4) / max(1, n)))
+    """Slack for comparing two accuracies measured on ``n`` examples.
+
+    Two binomial standard errors, with p(1-p) floored at 1/n so that an accuracy of 0 on a
+    small sample still allows for about two examples either way.
+    """
+    n = max(1, n)
+    return max(tol_abs, 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n))
 
 
 def _check(name: str, ok: bool | None, evidence: str, **values: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def test_cpu_plan_covers_the_paper_grid():
     assert cfgs["dq2-a1"].wbits == 2 and cfgs["dq2-a4"].wbits == 4 and cfgs["dq2-a1"].init_from == "fp"
 
 
+@pytest.mark.slow  # 1-3 min on 2 shared cores
 def test_micro_reproduction_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "rep"
     summary = reproduce(out, scale=MICRO, progress=False)
