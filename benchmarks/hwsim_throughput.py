@@ -1,0 +1,148 @@
+"""Throughput of the bit-exact accelerator simulator vs FINN's execution vs the Brevitas forward.
+
+Same model (CNV, full width, trained one short epoch so activations are not all zero), same
+real CIFAR-10 test images, one run, each measurement in its own subprocess for its peak
+memory. Prints a table and writes benchmarks/results/hwsim_throughput.{json,md}.
+
+    .venv/bin/python -m benchmarks.hwsim_throughput [--bits 2] [--n 512] [--n-finn 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
+
+
+def prepare(run: Path, bits: int) -> Path:
+    """A trained full-width CNV run and its FINN build (reused when present)."""
+    from hw_dq.build import build_run
+    from hw_dq.train import TrainConfig, train
+
+    if not (run / "model.safetensors").is_file():
+        cfg = TrainConfig(model="cnv", width=1.0, wbits=bits, abits=bits, epochs=1, train_subset=512,
+                          test_subset=64, batch_size=64, lr=0.02)  # fmt: skip
+        train(cfg, run, progress=False)
+    build = run / "build" / "Pynq-Z1"
+    if not (build / "dataflow_model.onnx").is_file():
+        build_run(run, "Pynq-Z1", target_fps=1000)
+    return build
+
+
+def child(kind: str, run: Path, n: int) -> dict:
+    """One measurement (runs in a subprocess): images/s and peak RSS growth."""
+    import torch
+
+    from hw_dq.data import load_split
+    from hw_dq.hwattack import finn_reference, load_simulator, uint8_grid
+    from hw_dq.rundir import load_model
+
+    x, _ = load_split("sample", "test").take(n, seed=0).tensors()
+    build = run / "build" / "Pynq-Z1"
+    if kind == "sim":
+        sim = load_simulator(build, verify=0)
+        xin = uint8_grid(x)
+        sim(xin[:8])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        for i in range(0, n, 256):
+            sim(xin[i : i + 256])
+        dt = time.perf_counter() - t
+    elif kind == "brevitas":
+        model, _ = load_model(run)
+        with torch.no_grad():
+            model(x[:8])
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            t = time.perf_counter()
+            for i in range(0, n, 256):
+                model(x[i : i + 256])
+            dt = time.perf_counter() - t
+    else:
+        xin = uint8_grid(x)
+        finn_reference(build, xin[:1])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        finn_reference(build, xin)
+        dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "n": n, "seconds": dt, "images_per_s": n / dt, "peak_rss_growth_mb": (peak - base) / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--n", type=int, default=512, help="images for the simulator and Brevitas")
+    ap.add_argument("--n-finn", type=int, default=16, help="images for FINN's (slow) execution")
+    ap.add_argument("--run", default=str(ROOT / "runs" / "bench" / "hwsim"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    run = Path(a.run) / f"cnv_w{a.bits}a{a.bits}"
+    if a.child:
+        print(json.dumps(child(a.child, run, a.n)))
+        return 0
+    prepare(run, a.bits)
+    rows = []
+    for kind, n in (("finn", a.n_finn), ("sim", a.n), ("brevitas", a.n)):
+        cmd = [sys.executable, "-m", "benchmarks.hwsim_throughput", "--child", kind, "--n", str(n),
+               "--bits", str(a.bits), "--run", a.run]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    by = {r["kind"]: r for r in rows}
+    res = {
+        "machine": _machine(),
+        "model": f"CNV full width, w{a.bits}a{a.bits}, Pynq-Z1 build (folded, specialised)",
+        "load_average_at_start": list(__import__("os").getloadavg()),
+        "rows": rows,
+        "sim_vs_finn": by["sim"]["images_per_s"] / by["finn"]["images_per_s"],
+        "sim_vs_brevitas": by["sim"]["images_per_s"] / by["brevitas"]["images_per_s"],
+        "goals": {"sim_vs_finn": ">= 100", "sim_vs_brevitas": ">= 0.5"},
+    }
+    lines = [
+        f"# Accelerator simulation throughput ({res['model']})",
+        "",
+        f"Machine: {res['machine']}; load average at start {res['load_average_at_start']}.",
+        "",
+        "| executor | images | s | images/s | peak RSS growth (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"finn": "FINN execute_onnx (node by node)", "sim": "hw_dq.hwsim (batched, bit-exact)",
+             "brevitas": "Brevitas eval forward"}  # fmt: skip
+    for r in rows:
+        lines.append(f"| {names[r['kind']]} | {r['n']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} "
+                     f"| {r['peak_rss_growth_mb']:.0f} |")  # fmt: skip
+    lines += ["", f"Simulator / FINN: **{res['sim_vs_finn']:.0f}x** (goal >= 100x); "
+              f"simulator / Brevitas: **{res['sim_vs_brevitas']:.2f}** (goal >= 0.5)."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "hwsim_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
+    (OUT / "hwsim_throughput.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

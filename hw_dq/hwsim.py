@@ -1,0 +1,399 @@
+"""A fast, batched, bit-exact executor of a FINN dataflow graph (the accelerator's semantics).
+
+FINN's own python execution (``finn.core.onnx_exec.execute_onnx``) is the reference, but it
+runs one image at a time, node by node, through numpy and onnxruntime sessions, far too
+slowly for attacks over thousands of images; and the specialised ``_hls``/``_rtl`` nodes
+of a finished build execute only in cppsim/rtlsim (Vitis HLS / Vivado). No library runs a
+FINN graph batched, so this module compiles the graph into torch operations that reproduce
+each node's arithmetic exactly:
+
+* MVAU / MatMul: integer matrix-vector accumulation (exact: float32 when every possible
+  accumulator fits 2^24, float64 otherwise), then multi-threshold activation;
+* Thresholding / MultiThreshold: the count of thresholds ``x >= t`` per channel + ActVal;
+* ConvolutionInputGenerator (FINN's im2col order: kh, kw, C), FMPadding, Pool,
+  StreamingMaxPool, GlobalAccPool, LabelSelect (ties to the lower index, as ONNX TopK);
+* Elementwise ops with numpy's promotion rules (integer operands in int64, the result
+  stored as float32), data-width converters and FIFOs as identities.
+
+Specialised nodes (``MVAU_hls``, ``Thresholding_rtl``...) compute what their base op does,
+so a folded build folder executes here too. Unknown nodes raise :class:`SimulationError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from hw_dq.errors import HwDqError
+
+EXACT_FLOAT32 = 2**24
+
+
+class SimulationError(HwDqError):
+    """The graph holds a node the simulator cannot execute bit-exactly."""
+
+
+def _base_op(op_type: str) -> str:
+    for suffix in ("_hls", "_rtl"):
+        if op_type.endswith(suffix):
+            return op_type[: -len(suffix)]
+    return op_type
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass
+class Step:
+    """One compiled node: ``fn(*inputs) -> outputs`` on torch tensors (batch first)."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+    shapes: list[tuple[int, ...] | None] | None = None  # declared output shapes (batch 1)
+
+
+def _threshold(x: torch.Tensor, thr: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Number of thresholds each value reaches (``x >= t``), per channel; exact counting."""
+    if not channels_last and x.dim() > 2:
+        x = x.movedim(1, -1)
+    c = x.shape[-1]
+    t = thr.to(x.dtype)
+    if t.shape[0] == 1 and c > 1:
+        t = t.expand(c, -1)
+    flat = x.reshape(-1, c)
+    if t.shape[1] > 1 and bool((t[:, 1:] >= t[:, :-1]).all()):
+        # sorted thresholds: a batched binary search per channel counts t <= x exactly
+        out = torch.searchsorted(t.contiguous(), flat.t().contiguous(), right=True).t().to(x.dtype)
+    else:
+        out = torch.zeros_like(flat)
+        for j in range(t.shape[1]):  # a pass per threshold: no N x C x T intermediate
+            out += flat >= t[:, j]
+    out = out.reshape(x.shape)
+    if not channels_last and x.dim() > 2:
+        out = out.movedim(-1, 1)
+    return out
+
+
+class HwSimulator:
+    """Compile a FINN (or streamlined QONNX) graph once, then run batches through it."""
+
+    def __init__(self, model_or_path, device: str = "cpu", partition: str | Path | None = None):
+        """``partition``: run this dataflow model in place of the graph's StreamingDataflowPartition
+        (a build folder's folded ``dataflow_model.onnx`` inside its ``dataflow_parent.onnx``)."""
+        from qonnx.core.modelwrapper import ModelWrapper
+
+        self.partition = Path(partition) if partition is not None else None
+
+        self.model = model_or_path if isinstance(model_or_path, ModelWrapper) else ModelWrapper(str(model_or_path))
+        self.device = device
+        self.consts: dict[str, torch.Tensor] = {}
+        self.steps: list[Step] = []
+        self.input_name = self.model.graph.input[0].name
+        self.output_name = self.model.graph.output[0].name
+        self.input_shape = tuple(self.model.get_tensor_shape(self.input_name))
+        for init in self.model.graph.initializer:
+            arr = self.model.get_initializer(init.name)
+            self.consts[init.name] = torch.from_numpy(np.array(arr, copy=True)).to(device)
+        self._compile(self.model)
+
+    # ------------------------------------------------------------------ compile
+    def _dtype(self, model, name: str):
+        return model.get_tensor_datatype(name)
+
+    def _compile(self, model) -> None:
+        for node in model.graph.node:
+            op = _base_op(node.op_type)
+            if op == "StreamingDataflowPartition":
+                from qonnx.core.modelwrapper import ModelWrapper
+
+                child = ModelWrapper(str(self.partition) if self.partition else _attrs(node)["model"].decode())
+                for init in child.graph.initializer:
+                    self.consts[init.name] = torch.from_numpy(np.array(child.get_initializer(init.name), copy=True)).to(
+                        self.device
+                    )
+                # wire the partition's own input/output names through the child graph
+                self.steps.append(Step(node.name, "Identity", [node.input[0]], [child.graph.input[0].name], _identity))
+                self._compile(child)
+                self.steps.append(
+                    Step(node.name, "Identity", [child.graph.output[0].name], [node.output[0]], _identity)
+                )
+                continue
+            maker = getattr(self, f"_op_{op}", None)
+            if maker is None:
+                raise SimulationError(
+                    f"node {node.name} ({node.op_type}) has no bit-exact simulation in hw_dq.hwsim; "
+                    "supported: " + ", ".join(sorted(m[4:] for m in dir(self) if m.startswith("_op_")))
+                )
+            fn = maker(model, node, _attrs(node))
+            shapes = [_shape(model, o) for o in node.output]
+            self.steps.append(Step(node.name, node.op_type, list(node.input), list(node.output), fn, shapes))
+
+    def _const(self, name: str) -> torch.Tensor:
+        return self.consts[name]
+
+    def _op_Transpose(self, model, node, a):  # noqa: N802
+        perm = list(a["perm"])
+        return lambda x: x.permute(*perm)
+
+    def _op_Reshape(self, model, node, a):  # noqa: N802
+        shape = [int(s) for s in self._const(node.input[1]).tolist()]
+        return lambda x, _s=None: x.reshape(x.shape[0], *shape[1:])
+
+    def _op_Flatten(self, model, node, a):  # noqa: N802
+        return lambda x: x.reshape(x.shape[0], -1)
+
+    def _op_Identity(self, model, node, a):  # noqa: N802
+        return _identity
+
+    _op_StreamingDataWidthConverter = _op_Identity
+    _op_StreamingFIFO = _op_Identity
+
+    def _op_MultiThreshold(self, model, node, a):  # noqa: N802
+        thr = self._const(node.input[1])
+        scale, bias = float(a.get("out_scale", 1.0)), float(a.get("out_bias", 0.0))
+        layout = a.get("data_layout", b"NCHW")
+        layout = layout.decode() if isinstance(layout, bytes) else layout
+        last = layout in ("NHWC", "NWC", "NC")
+        return lambda x, _t=None: (scale * _threshold(x, thr, last) + bias).to(x.dtype)
+
+    def _op_Thresholding(self, model, node, a):  # noqa: N802
+        thr = self._const(node.input[1])
+        bias = float(a.get("ActVal", 0))
+        bipolar = a.get("outputDataType", b"") in (b"BIPOLAR", "BIPOLAR")
+
+        def run(x, _t=None):
+            y = _threshold(x, thr, True) + bias
+            return 2 * y - 1 if bipolar else y
+
+        return run
+
+    def _acc_dtype(self, model, node, w: torch.Tensor) -> torch.dtype:
+        idt = self._dtype(model, node.input[0])
+        xmax = max(abs(idt.min()), abs(idt.max())) if idt.is_integer() else float("inf")
+        bound = float(w.abs().sum(0).max()) * xmax
+        return torch.float32 if bound < EXACT_FLOAT32 else torch.float64
+
+    def _op_MVAU(self, model, node, a):  # noqa: N802
+        w = self._const(node.input[1]).double()
+        xnor = bool(a.get("binaryXnorMode", 0))
+        idt, wdt = self._dtype(model, node.input[0]), self._dtype(model, node.input[1])
+        bipolar_both = str(idt) == "BIPOLAR" and str(wdt) == "BIPOLAR"
+        if xnor or bipolar_both:
+            wb = (w + 1) / 2 if bipolar_both else w
+            dt = torch.float32 if wb.shape[0] < EXACT_FLOAT32 else torch.float64
+            wb = wb.to(dt)
+
+            def mm(x):
+                xb = ((x + 1) / 2 if bipolar_both else x).to(dt)
+                return xb @ wb + (1 - xb) @ (1 - wb)  # popcount of XNOR
+        else:
+            dt = self._acc_dtype(model, node, w)
+            wt = w.to(dt)
+
+            def mm(x):
+                return x.to(dt) @ wt
+
+        mw = int(a["MW"])
+        act = int(a.get("noActivation", 0)) == 0
+        thr = self._const(node.input[2]) if act else None
+        odt = a.get("outputDataType", b"")
+        bipolar_out = odt in (b"BIPOLAR", "BIPOLAR")
+        scale, bias = (2.0, -1.0) if bipolar_out else (1.0, float(a.get("ActVal", 0)))
+
+        def run(x, *_):
+            lead = x.shape[:-1] if x.shape[-1] == mw else (x.shape[0],)
+            acc = mm(x.reshape(*lead, mw))
+            if act:
+                acc = scale * _threshold(acc, thr, True) + bias
+            return acc.float()
+
+        return run
+
+    def _op_ConvolutionInputGenerator(self, model, node, a):  # noqa: N802
+        k, s, d = list(a["ConvKernelDim"]), list(a["Stride"]), list(a.get("Dilation", [1, 1]))
+        ch = int(a["IFMChannels"])
+
+        def run(x):
+            n, h, w, c = x.shape
+            oh = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+            ow = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+            if d == [1, 1]:
+                # a strided view (N, OH, OW, C, kh, kw), copied once in FINN's (kh, kw, C) order
+                v = x.unfold(1, k[0], s[0]).unfold(2, k[1], s[1])[:, :oh, :ow]
+                return v.permute(0, 1, 2, 4, 5, 3).reshape(n, oh, ow, k[0] * k[1] * ch)
+            # dilated: one strided slice per kernel position, in FINN's (kh, kw, C) order
+            windows = [
+                x[
+                    :,
+                    ky * d[0] : ky * d[0] + s[0] * (oh - 1) + 1 : s[0],
+                    kx * d[1] : kx * d[1] + s[1] * (ow - 1) + 1 : s[1],
+                ]
+                for ky in range(k[0])
+                for kx in range(k[1])
+            ]
+            return torch.stack(windows, dim=3).reshape(n, oh, ow, k[0] * k[1] * ch)
+
+        return run
+
+    def _op_FMPadding(self, model, node, a):  # noqa: N802
+        p = list(a["Padding"])  # top, left, bottom, right
+        return lambda x: F.pad(x, (0, 0, p[1], p[3], p[0], p[2]))
+
+    def _op_Pool(self, model, node, a):  # noqa: N802
+        fn, k, ch = a["Function"], list(a["KernelSize"]), int(a["Channels"])
+        fn = fn.decode() if isinstance(fn, bytes) else fn
+        k2 = k[0] * k[1]
+        shift = 0
+        if fn == "QuantAvgPool":
+            ib = self._dtype(model, node.input[0]).bitwidth()
+            ob = self._dtype(model, node.output[0]).bitwidth()
+            shift = max(0, int((2**ib - 1) * k2).bit_length() - ob)
+
+        def run(x):
+            v = x.reshape(*x.shape[:-1], k2, ch)
+            if fn == "MaxPool":
+                return v.amax(-2)
+            if fn == "AccPool":
+                return v.sum(-2)
+            if fn == "AvgPool":
+                return v.double().mean(-2).float()
+            if fn == "QuantAvgPool":
+                return torch.bitwise_right_shift(v.sum(-2).long(), shift).float()
+            raise SimulationError(f"node {node.name}: pool function {fn} is not supported")
+
+        return run
+
+    def _op_StreamingMaxPool(self, model, node, a):  # noqa: N802
+        k = list(a["PoolDim"])
+        ceil = bool(a.get("CeilMode", 0))
+        return lambda x: F.max_pool2d(x.permute(0, 3, 1, 2), tuple(k), ceil_mode=ceil).permute(0, 2, 3, 1)
+
+    def _op_GlobalAccPool(self, model, node, a):  # noqa: N802
+        return lambda x: x.double().sum(dim=(1, 2), keepdim=True).float()
+
+    def _op_LabelSelect(self, model, node, a):  # noqa: N802
+        k = int(a["K"])
+        return lambda x: torch.sort(x.reshape(x.shape[0], -1), dim=1, descending=True, stable=True)[1][:, :k].float()
+
+    def _op_TopK(self, model, node, a):  # noqa: N802
+        k = int(self._const(node.input[1]).reshape(-1)[0])
+
+        def run(x, *_):
+            vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+            return vals[..., :k], idx[..., :k]
+
+        return run
+
+    def _binary(self, model, node, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        dts = [self._dtype(model, i) for i in node.input[:2]]
+
+        def prep(v: torch.Tensor, dt) -> torch.Tensor:
+            return v.long() if dt.is_integer() else v
+
+        def run(x, y):
+            a_, b_ = prep(x, dts[0]), prep(y, dts[1])
+            if a_.dtype == torch.long and b_.is_floating_point() or b_.dtype == torch.long and a_.is_floating_point():
+                a_, b_ = a_.double(), b_.double()  # numpy: int64 (op) float32 -> float64
+            return op(a_, b_).float()
+
+        return run
+
+    def _op_ElementwiseMul(self, model, node, a):  # noqa: N802
+        return self._binary(model, node, torch.mul)
+
+    def _op_ElementwiseAdd(self, model, node, a):  # noqa: N802
+        return self._binary(model, node, torch.add)
+
+    def _op_ElementwiseSub(self, model, node, a):  # noqa: N802
+        return self._binary(model, node, torch.sub)
+
+    def _op_AddStreams(self, model, node, a):  # noqa: N802
+        return lambda x, y: (x.double() + y.double()).float()
+
+    def _op_DuplicateStreams(self, model, node, a):  # noqa: N802
+        n_out = len(node.output)
+        return lambda x: tuple(x for _ in range(n_out))
+
+    def _op_Mul(self, model, node, a):  # noqa: N802
+        return lambda x, y: x * y
+
+    def _op_Add(self, model, node, a):  # noqa: N802
+        return lambda x, y: x + y
+
+    def _op_Div(self, model, node, a):  # noqa: N802
+        return lambda x, y: x / y
+
+    def _op_MatMul(self, model, node, a):  # noqa: N802
+        return lambda x, y: (x.double() @ y.double()).float()
+
+    # ------------------------------------------------------------------ run
+    def run(self, x: torch.Tensor | np.ndarray, keep: bool = False) -> dict[str, torch.Tensor]:
+        """Execute a batch (first axis = batch); returns the output (and every tensor if ``keep``)."""
+        xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().to(self.device)
+        if tuple(xt.shape[1:]) != self.input_shape[1:]:
+            raise SimulationError(
+                f"input shape {tuple(xt.shape[1:])} does not match the graph's {self.input_shape[1:]}"
+            )
+        ctx: dict[str, torch.Tensor] = {self.input_name: xt}
+        if not hasattr(self, "_free"):
+            last = {n: i for i, st in enumerate(self.steps) for n in st.inputs}
+            self._free = [
+                [n for n in st.inputs if last.get(n) == i and n != self.output_name] for i, st in enumerate(self.steps)
+            ]
+        for i, step in enumerate(self.steps):
+            args = []
+            for name in step.inputs:
+                if not name:
+                    continue
+                args.append(ctx[name] if name in ctx else self.consts[name])
+            out = step.fn(*args)
+            outs = out if isinstance(out, tuple) else (out,)
+            for j, (name, val) in enumerate(zip(step.outputs, outs, strict=False)):
+                shape = step.shapes[j] if step.shapes else None
+                if shape is not None and val.shape[1:] != shape[1:] and val[0].numel() == math.prod(shape[1:]):
+                    val = val.reshape(val.shape[0], *shape[1:])  # as FINN reshapes to the declared shape
+                ctx[name] = val
+            if not keep:
+                for name in self._free[i]:
+                    ctx.pop(name, None)
+        return ctx
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.run(x)[self.output_name]
+
+
+def _shape(model, name: str) -> tuple[int, ...] | None:
+    try:
+        shape = model.get_tensor_shape(name)
+    except Exception:  # tensors without value info have no declared shape
+        return None
+    return tuple(int(d) for d in shape) if shape else None
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def load(path: str | Path) -> HwSimulator:
+    """A simulator for an ONNX file, with a one-line error for a missing or broken file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SimulationError(f"{p} not found; run 'hw-dq build' first")
+    try:
+        return HwSimulator(p)
+    except SimulationError:
+        raise
+    except Exception as e:  # onnx/protobuf parse errors have many types
+        raise SimulationError(f"{p} is not a readable FINN/ONNX model ({type(e).__name__}: {e})") from None
