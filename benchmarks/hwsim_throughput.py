@@ -35,7 +35,8 @@ def _machine() -> str:
 
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), {platform.system()}"
 
 
 def prepare(run: Path, bits: int) -> Path:
