@@ -150,7 +150,8 @@ def step_streamline_residual(model: Any, cfg: Any) -> Any:
 
     A scale at a fork goes into both branches (``MoveLinearPastFork``), identical scales on both
     inputs of an add go past it (``MoveLinearPastEltwiseAdd``), then FINN's ``Streamline`` absorbs
-    them into thresholds. A GlobalAveragePool becomes FINN's GlobalAccPool and a scale that
+    them into thresholds; layout transposes are moved past forks/adds until they cancel.
+    A GlobalAveragePool becomes FINN's GlobalAccPool and a scale that
     streamlining moves past the classifier. Chain graphs get FINN's plain ``step_streamline``.
     """
     from finn.builder import build_dataflow_steps as steps
@@ -159,11 +160,17 @@ def step_streamline_residual(model: Any, cfg: Any) -> Any:
         return steps.step_streamline(model, cfg)
     from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
     from finn.transformation.streamline import Streamline
-    from finn.transformation.streamline.absorb import AbsorbScalarBiasIntoMultiThreshold
+    from finn.transformation.streamline.absorb import (
+        AbsorbConsecutiveTransposes,
+        AbsorbScalarBiasIntoMultiThreshold,
+        AbsorbTransposeIntoMultiThreshold,
+    )
     from finn.transformation.streamline.reorder import (
         MoveLinearPastEltwiseAdd,
         MoveLinearPastFork,
         MoveScalarLinearPastInvariants,
+        MoveTransposePastFork,
+        MoveTransposePastJoinAdd,
     )
     from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
 
@@ -176,6 +183,11 @@ def step_streamline_residual(model: Any, cfg: Any) -> Any:
         model = model.transform(Streamline())
     model = model.transform(InferGlobalAccPoolLayer())  # integer input by now; its 1/N scale streamlines away
     model = steps.step_streamline(model, cfg)
+    for _ in range(3):  # NCHW<->NHWC transposes around forks and adds would become Shuffle layers
+        model = model.transform(MoveTransposePastJoinAdd())
+        model = model.transform(AbsorbTransposeIntoMultiThreshold())
+        model = model.transform(MoveTransposePastFork())
+        model = model.transform(AbsorbConsecutiveTransposes())
     # a shortcut's signed quantizer on an unsigned stream has thresholds below the input range
     return model.transform(RoundAndClipThresholds())
 
