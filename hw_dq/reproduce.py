@@ -57,7 +57,7 @@ class Scale:
     aa_iters: int = 50
     aa_targets: int = 3
     aa_queries: int = 1000
-    n_probe: int = 200
+    n_probe: int = 100
     squeezers: list[str] = field(default_factory=lambda: ["bits:4", "median:2"])
     n_amplification: int = 256
     seed: int = 0
