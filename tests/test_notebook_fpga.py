@@ -25,6 +25,8 @@ def test_fpga_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HW_DQ_NB_OUT", str(out))
     monkeypatch.setenv("HW_DQ_NB_TRAIN", "128")
     monkeypatch.setenv("HW_DQ_NB_EPOCHS", "1")
+    monkeypatch.setenv("HW_DQ_NB_FIT", "0")  # one FINN folding (--target-fps); tests/test_build.py covers --fit
+    monkeypatch.setenv("HW_DQ_NB_TARGET_FPS", "2000")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
