@@ -143,7 +143,8 @@ def _is_float(model: torch.nn.Module) -> bool:
     import brevitas.nn as qnn
 
     for m in model.modules():
-        if getattr(m, "is_weight_quant_enabled", False) or isinstance(m, qnn.QuantReLU | qnn.QuantIdentity):
+        proxy = getattr(m, "weight_quant", None)
+        if (proxy is not None and proxy.is_quant_enabled) or isinstance(m, qnn.QuantReLU | qnn.QuantIdentity):
             return False
     return True
 

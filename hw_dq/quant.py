@@ -32,6 +32,9 @@ MIN_BITS, MAX_BITS = 1, 8
 ACT_MAX = 6.0  # ReLU6
 INPUT_BITS = 8
 FLOAT_NAMES = ("float", "fp", "fp32", "32")
+# Stored in every run directory: a checkpoint is only meaningful under the quantizers that
+# trained it. Bump this whenever a quantizer's definition (scales, levels, rounding) changes.
+QUANT_SCHEME = "hw-dq-quant/1 (weights: per-channel max|w| scale; acts: ReLU6 [0,6] const; input: uint8 1/255)"
 
 
 class WeightQuant(WeightQuantSolver):

@@ -149,7 +149,15 @@ def load_model(run_dir: str | Path, which: str = MODEL) -> tuple[nn.Module, dict
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run directory {run} does not exist")
+    from hw_dq.quant import QUANT_SCHEME
+
     cfg = read_json(run / CONFIG)
+    scheme = cfg.get("quant_scheme", QUANT_SCHEME)  # runs before the stamp used scheme 1
+    if scheme != QUANT_SCHEME:
+        raise CheckpointError(
+            f"{run} was trained with quantizers '{scheme}' but this hw-dq has '{QUANT_SCHEME}'; "
+            "retrain it, or use the hw-dq version that wrote it"
+        )
     try:
         mcfg = ModelConfig(**cfg["model"])
     except (KeyError, TypeError) as e:

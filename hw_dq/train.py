@@ -255,8 +255,11 @@ def run_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
     import hw_dq
 
+    from hw_dq.quant import QUANT_SCHEME
+
     return {
         "hw_dq_version": hw_dq.__version__,
+        "quant_scheme": QUANT_SCHEME,
         "mode": cfg.mode,
         "model": cfg.model_config().to_dict(),
         "train": asdict(cfg),
@@ -339,6 +342,11 @@ def fit(
             ce = F.cross_entropy(logits, yb)
             reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target).to(ce)
             loss = ce + reg
+            if not torch.isfinite(loss.detach()):
+                raise ConfigError(
+                    f"training diverged (loss {float(loss.detach())}, regulariser {float(reg.detach())}) at epoch "
+                    f"{epoch + 1} step {step + 1}; lower --beta or --lr (the last checkpoint in {run} is intact)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

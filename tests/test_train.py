@@ -152,3 +152,18 @@ def test_ddp_two_cpu_processes_identical_weights(tmp_path):
     # the run directory is written once (by rank 0) and is complete
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert len(rd.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_divergence_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    cfg = TrainConfig(**{**SMALL, "epochs": 2, "lr": 1e12}, wbits=None, abits=None)
+    with pytest.raises(ConfigError, match="training diverged"):
+        train(cfg, tmp_path / "r", progress=False)
+
+
+def test_run_from_other_quantizer_scheme_is_refused(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path / "r", progress=False)
+    conf = json.loads((tmp_path / "r" / "config.json").read_text())
+    conf["quant_scheme"] = "some-other-quantizers/9"
+    (tmp_path / "r" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="trained with quantizers"):
+        rd.load_model(tmp_path / "r")
