@@ -254,7 +254,6 @@ def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
 def run_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
     import hw_dq
-
     from hw_dq.quant import QUANT_SCHEME
 
     return {
