@@ -29,10 +29,34 @@ def _params(a: argparse.Namespace) -> Any:
     return AttackParams(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
 
 
+def cmd_attack_hw(a: argparse.Namespace) -> int:
+    """``attack --on hw``: the threat models of a deployed accelerator, on its bit-exact simulation."""
+    from hw_dq.hwattack import evaluate_hw
+    from hw_dq.results import tabulate
+
+    name = a.name if a.name != "robustness" else "robustness-hw"
+    r = evaluate_hw(
+        a.run_dir, a.attacks or ["transfer-pgd", "square", "hsj"], a.eps, board=a.board, n=a.n, seed=a.seed,
+        steps=a.pgd_steps or 20, queries=a.square_queries or 1000, name=name, data=a.data, data_dir=a.data_dir,
+        progress=not a.quiet,
+    )  # fmt: skip
+    print(tabulate([r]))
+    ag = r["agreement"]
+    print(
+        f"accelerator (simulated) vs PyTorch on {ag['n_examples']} clean images: {100 * ag['clean_acc_hw']:.1f}% vs "
+        f"{100 * ag['clean_acc_sw']:.1f}%, top-1 disagreement {100 * ag['disagreement_clean']:.2f}%; "
+        f"written to {a.run_dir}/attacks/{name}.json"
+    )
+    return 0
+
+
 def cmd_attack(a: argparse.Namespace) -> int:
     from hw_dq.attack import ATTACKS
     from hw_dq.results import evaluate_run
 
+    if a.on == "hw":
+        return cmd_attack_hw(a)
+    a.attacks = a.attacks or ["fgsm", "pgd"]
     for name in a.attacks:
         if name not in ATTACKS:
             raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
@@ -78,7 +102,11 @@ def register(sub: Any) -> None:
     """Add the evaluation verbs to the ``hw-dq`` sub-parsers."""
     p = sub.add_parser("attack", help="attack a trained run (ART: FGSM, PGD, AutoAttack, Square, ...)")
     p.add_argument("run_dir")
-    p.add_argument("--attacks", type=_names, default=["fgsm", "pgd"], help="comma list (default fgsm,pgd); "
+    p.add_argument("--on", choices=("sw", "hw"), default="sw",
+                   help="sw: the PyTorch model (default); hw: the bit-exact simulation of its FINN build")  # fmt: skip
+    p.add_argument("--board", help="with --on hw: which build of the run (default: its only one)")
+    p.add_argument("--attacks", type=_names, default=None, help="comma list (default fgsm,pgd; with --on hw "
+                   "transfer-pgd,square,hsj); "
                    "fgsm, rfgsm, pgd, pgd-l2, cw-l2, apgd-ce, apgd-t, square, autoattack, transfer-pgd")  # fmt: skip
     p.add_argument("--eps", type=_floats, default=[8.0], help="comma list in units of 1/255 (default 8)")
     p.add_argument("--n", type=int, help="test examples (default: the whole test set)")

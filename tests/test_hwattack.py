@@ -1,0 +1,73 @@
+"""Attacks on the simulated accelerator: the three threat models, eps on the UINT8 grid, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hw_dq.build import build_run
+from hw_dq.data import load_split
+from hw_dq.hwattack import HW_ATTACKS, craft, evaluate_hw, find_build, load_simulator
+from hw_dq.rundir import load_model
+from hw_dq.train import TrainConfig, train
+from tests.conftest import assert_one_line_error, run_cli
+
+EPS = 8.0
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("hwatk") / "tiny"
+    cfg = TrainConfig(model="tiny", wbits=2, abits=2, epochs=2, train_subset=2048, test_subset=64,
+                      batch_size=64, lr=0.05)  # fmt: skip
+    train(cfg, run, progress=False)
+    build_run(run, "Pynq-Z1", target_fps=1000)
+    return run
+
+
+@pytest.mark.parametrize("attack", HW_ATTACKS)
+def test_attack_modes_stay_on_the_uint8_grid_within_eps(tiny_build, attack):
+    model, _ = load_model(tiny_build)
+    sim = load_simulator(find_build(tiny_build))
+    x, y = (t.numpy() for t in load_split("sample", "test").take(12, seed=3).tensors())
+    adv, params = craft(attack, model, sim, x, y, EPS, seed=0, steps=3, queries=60)
+    assert adv.shape == x.shape and params
+    assert np.array_equal(np.rint(adv * 255), adv * 255), "not on the UINT8 grid"
+    assert adv.min() >= 0 and adv.max() <= 1
+    if attack != "hsj":  # HopSkipJump minimises the perturbation instead of bounding it
+        assert np.abs(adv - x).max() * 255 <= EPS + 1e-4
+
+
+def test_evaluate_hw_writes_schema_results(tiny_build):
+    res = evaluate_hw(tiny_build, ["transfer-pgd", "square"], [EPS], n=16, steps=3, queries=40, name="hwtest")
+    path = tiny_build / "attacks" / "hwtest.json"
+    saved = json.loads(path.read_text())
+    assert saved["target"] == "hw" and saved["schema"] == "hw-dq/robustness/v1"
+    assert {e["attack"] for e in saved["evaluations"]} == {"transfer-pgd", "square"}
+    for e in res["evaluations"]:
+        assert 0.0 <= e["robust_acc"] <= res["clean_acc"] + 1e-9 or e["attack"] == "square"
+        assert e["max_perturbation"] <= EPS + 1e-4
+    assert 0.0 <= saved["agreement"]["disagreement_clean"] <= 1.0
+
+
+def test_cli_hw_attack_and_errors(tiny_build, tmp_path):
+    ok = run_cli("attack", str(tiny_build), "--on", "hw", "--attacks", "transfer-pgd", "--eps", "4",
+                 "--n", "8", "--pgd-steps", "2", "--quiet")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    # a run directory without a FINN build
+    bare = tmp_path / "bare"
+    train(TrainConfig(model="tiny", epochs=1, train_subset=128, test_subset=32, batch_size=64), bare, progress=False)
+    assert_one_line_error(run_cli("attack", str(bare), "--on", "hw", "--n", "4"), "no FINN build", "hw-dq build")
+    # a build folder whose FINN model is gone
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_build, broken)
+    (broken / "build" / "Pynq-Z1" / "dataflow_model.onnx").unlink()
+    assert_one_line_error(run_cli("attack", str(broken), "--on", "hw", "--n", "4"), "no FINN build")
+    assert_one_line_error(
+        run_cli("attack", str(tiny_build), "--on", "hw", "--attacks", "fgsm", "--n", "4"), "unknown hardware attack"
+    )
