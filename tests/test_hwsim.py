@@ -60,8 +60,8 @@ def test_bit_exact_with_finn_on_real_and_adversarial_images(cnv_build, images):
     adv, _ = craft("transfer-pgd", model, sim, x[:32], y[:32], 8.0, steps=5)
     xa = uint8_grid(adv)
     assert np.array_equal(sim(xa).numpy().reshape(32, -1), finn_reference(build, xa).reshape(32, -1))
-    # the trained model is not degenerate: the accelerator's outputs vary across images
-    assert len(np.unique(got.argmax(1))) > 1
+    # not a degenerate comparison: the accelerator's logits differ across images
+    assert len(np.unique(got, axis=0)) > len(x) // 4
 
 
 def test_altered_threshold_is_caught_and_located(cnv_build, tmp_path):
