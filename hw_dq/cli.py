@@ -103,7 +103,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from hw_dq.demo import run_demo
 
-    run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet)
+    run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet, fpga=not a.no_fpga)
     return 0
 
 
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, help="epochs per model (default: the demo config's)")
     d.add_argument("--n", type=int, default=500, help="test images to evaluate")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-fpga", action="store_true", help="skip the QONNX export, FINN build and hardware attacks")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     lp = sub.add_parser("lipschitz", help="per-layer operator norms (BN folded) of a trained run")

@@ -3,8 +3,10 @@
 Trains the same small CNV twice (beta = 0 and beta > 0), then measures clean accuracy,
 white-box FGSM and PGD-10 (ART), the gradient-masking sanity checks (:mod:`hw_dq.sanity`:
 pass/warn per model, with the evidence in summary.json) and the Lipschitz diagnostic, and
-prints them side by side. The run
-directories stay in ``--out`` for the later stages.
+prints them side by side. Then the FPGA flow: each model is exported to QONNX, built by
+FINN for a Pynq-Z1 (``--fit``: the fastest folding within FINN's utilisation limits), and
+attacked on the bit-exact simulation of that accelerator (transfer PGD from the PyTorch
+model and black-box Square on its logits). The run directories stay in ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,37 @@ DEMO_EPS = (2.0, 4.0, 8.0)
 DEMO_SANITY = SanityConfig(n_probe=100, square_queries=500, strong_steps_factor=3, strong_restarts=2)
 
 
+DEMO_BOARD = "Pynq-Z1"
+HW_EPS = 8.0
+
+
+def _fpga_columns(run: Path, x: Any, y: Any, n_hw: int, seed: int) -> dict[str, Any]:
+    """Export + FINN build for the demo board, then attacks on the simulated accelerator."""
+    from hw_dq.build import demo_summary
+    from hw_dq.hwattack import agreement, attack_hw, find_build, load_simulator
+
+    rep = demo_summary(run, DEMO_BOARD)
+    model, _ = rd.load_model(run)
+    sim = load_simulator(find_build(run, DEMO_BOARD))
+    xs, ys = x[:n_hw].numpy(), y[:n_hw].numpy()
+    ag = agreement(model, sim, xs, ys)
+    tr = attack_hw("transfer-pgd", model, sim, xs, ys, HW_EPS, seed=seed, steps=10)
+    sq = attack_hw("square", model, sim, xs, ys, HW_EPS, seed=seed, queries=300)
+    return {
+        "fpga_text": rep["text"],
+        "fpga_fps": rep["fps"],
+        "fpga_fits": rep["fits"],
+        "fpga_lut": rep["total"]["LUT"],
+        "fpga_bram18": rep["total"]["BRAM_18K"],
+        "hw_n": int(len(ys)),
+        "hw_clean": ag["clean_acc_hw"],
+        "hw_disagreement": ag["disagreement_clean"],
+        f"hw_transfer-pgd@{HW_EPS:g}": tr.robust_acc_hw,
+        f"hw_square@{HW_EPS:g}": sq.robust_acc_hw,
+        "hw_disagreement_adv": max(tr.disagreement_adv, sq.disagreement_adv),
+    }
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     epochs: int | None = None,
@@ -34,6 +67,8 @@ def run_demo(
     beta: float = DEMO_BETA,
     seed: int = 0,
     progress: bool = True,
+    fpga: bool = True,
+    n_hw: int = 200,
 ) -> dict[str, Any]:
     """Train VQ and DQ, evaluate, print a table; returns the summary (also in summary.json)."""
     base: TrainConfig = load_config("demo")
@@ -70,6 +105,13 @@ def run_demo(
         san = run_checks(model, x, y, evals, row["clean_acc"], cfg=DEMO_SANITY, seed=seed)
         row["sanity"] = san["verdict"]
         row["sanity_checks"] = [{k: c[k] for k in ("name", "status", "evidence")} for c in san["checks"]]
+        if fpga:
+            if progress:
+                print(
+                    f"{name}: QONNX export, FINN build for {DEMO_BOARD}, attacks on the simulated accelerator",
+                    flush=True,
+                )
+            row.update(_fpga_columns(run, x, y, n_hw, seed))
         rows.append(row)
     summary = {
         "dataset": f"embedded CIFAR-10 sample ({len(y)} test images, seed {seed})",
@@ -102,6 +144,22 @@ def format_table(summary: dict[str, Any]) -> str:
         cells += [f"{100 * r[k]:.1f}%" for k in eps_cols]
         cells += [f"{r['mean_op_norm']:.3f}", f"{r['lipschitz_bound']:.3g}", r.get("sanity", "-")]
         lines.append("| " + " | ".join(cells) + " |")
+    if "fpga_fps" in rows[0]:
+        lines += [
+            "",
+            f"On the FPGA ({DEMO_BOARD}, FINN estimates; robustness on the bit-exact simulation of the accelerator, "
+            f"{rows[0]['hw_n']} images, UINT8 inputs, eps {HW_EPS:g}/255):",
+            "| variant | est. FPS | LUT | BRAM_18K | fits | clean (HW) | HW/SW disagreement | transfer PGD | Square |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['variant']} | {r['fpga_fps']:,.0f} | {r['fpga_lut']:,.0f} | {r['fpga_bram18']:,.0f} "
+                f"| {'yes' if r['fpga_fits'] else 'NO'} | {100 * r['hw_clean']:.1f}% "
+                f"| {100 * r['hw_disagreement']:.2f}% "
+                f"| {100 * r[f'hw_transfer-pgd@{HW_EPS:g}']:.1f}% | {100 * r[f'hw_square@{HW_EPS:g}']:.1f}% |"
+            )
+        lines += [f"{r['variant']}: {r['fpga_text']}" for r in rows]
     for r in rows:
         warned = [c for c in r.get("sanity_checks", []) if c["status"] == "warn"]
         for c in warned:
