@@ -252,7 +252,7 @@ def craft(
     queries: int = 1000,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model."""
-    from art.attacks.evasion import AutoAttack, HopSkipJump, ProjectedGradientDescent, SquareAttack
+    from art.attacks.evasion import HopSkipJump, ProjectedGradientDescent, SquareAttack
 
     from hw_dq.attack import art_classifier
 
@@ -267,9 +267,13 @@ def craft(
         params = {"source": "PyTorch model (STE gradients)", "steps": steps, "step_size_255": 2.5 * eps_255 / steps}
         adv = atk.generate(x)
     elif attack == "transfer-autoattack":
+        from hw_dq.attack import AttackParams, autoattack
+
         clf = art_classifier(model, shape)
-        adv = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=eps / 4, batch_size=128).generate(x)
-        params = {"source": "PyTorch model", "suite": "ART AutoAttack defaults (APGD-CE, APGD-DLR, Square...)"}
+        ap = AttackParams(apgd_iters=max(steps, 10), apgd_targets=3, square_queries=queries)
+        adv, sub, breakdown = autoattack(clf, x, y, eps, 128, ap)
+        params = {"source": "PyTorch model", "suite": "APGD-CE -> APGD-T -> Square (hw_dq.attack.autoattack)",
+                  "components": sub, "breakdown_on_pytorch": breakdown}  # fmt: skip
     elif attack == "square":
         bb = _blackbox(sim, False, shape)
         adv = SquareAttack(bb, norm=np.inf, eps=eps, max_iter=queries, nb_restarts=1, verbose=False).generate(x, y=y)
