@@ -131,8 +131,7 @@ def lively(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, pytest.param(4, marks=pytest.mark.slow)])  # ~30 s each here
 def test_small_wrn_builds_with_finn_verification(tmp_path: Path, bits: int) -> None:
     """WRN-10-1: convex-combination residuals (one shared quantizer) map to FINN layers, verified."""
     from hw_dq.boards import get_board
