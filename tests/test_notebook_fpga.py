@@ -27,6 +27,7 @@ def test_fpga_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("HW_DQ_NB_EPOCHS", "1")
     monkeypatch.setenv("HW_DQ_NB_FIT", "0")  # one FINN folding (--target-fps); tests/test_build.py covers --fit
     monkeypatch.setenv("HW_DQ_NB_TARGET_FPS", "2000")
+    monkeypatch.setenv("HW_DQ_NB_N_HW", "16")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -36,3 +37,4 @@ def test_fpga_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.Mo
     assert (build / "report.json").is_file() and (build / "report.md").is_file()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "FPS, fits: True" in text
+    assert "transfer-pgd @ 8/255" in text and "square @ 8/255" in text  # the attack on the simulation ran
