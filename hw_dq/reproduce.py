@@ -60,6 +60,10 @@ class Scale:
     n_probe: int = 100
     squeezers: list[str] = field(default_factory=lambda: ["bits:4", "median:2"])
     n_amplification: int = 256
+    hw_board: str | None = "Pynq-Z1"  # None: no hardware columns
+    hw_target_fps: float = 1000.0  # one FINN folding (the attacks do not depend on it)
+    n_hw: int = 200
+    hw_queries: int = 300
     seed: int = 0
 
 
@@ -207,6 +211,13 @@ def reproduce(
                     run, ["fgsm", "pgd"], [8.0], n=s.n_eval, seed=s.seed, name=stem, params=params,
                     sanity_cfg=scfg, defense=sq))  # fmt: skip
                 _mark(path, key)
+        if s.hw_board and cfg.mode != "FP" and cfg.adv_train == "none":
+            path = run / "attacks" / "robustness-hw.json"
+            key = {"scale": asdict(s), "hw": True}
+            if not _done(path, key):
+                log(f"FINN build for {s.hw_board} and attacks on the simulated accelerator: {name}")
+                step(f"hw/{name}", lambda run=run: _hardware(run, s))
+                _mark(path, key)
     amp = out / "amplification.json"
     amp_runs = [out / "runs" / n for n in ("fp", "vq-a1", "dq2-a1", "vq-a2", "dq2-a2") if n in keep]
     key = {"scale": asdict(s), "runs": [str(p) for p in amp_runs]}
@@ -221,6 +232,17 @@ def reproduce(
     summary["wall_s_total"] = sum(timing.values())
     rd.write_json(out / "summary.json", summary)
     return summary
+
+
+def _hardware(run: Path, s: Scale) -> None:
+    """Hardware-semantics columns: build the run for the board, attack its bit-exact simulation."""
+    from hw_dq.build import build_run
+    from hw_dq.hwattack import evaluate_hw
+
+    if not (run / "build" / str(s.hw_board) / "dataflow_model.onnx").is_file():
+        build_run(run, str(s.hw_board), target_fps=s.hw_target_fps)
+    evaluate_hw(run, ["transfer-pgd", "square"], [8.0], board=s.hw_board, n=min(s.n_eval, s.n_hw), seed=s.seed,
+                steps=10, queries=s.hw_queries, name="robustness-hw")  # fmt: skip
 
 
 def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twin: Path, evaluate_run: Any) -> None:

@@ -172,7 +172,7 @@ def columns(results: Sequence[dict]) -> list[tuple[str, float, str]]:
 def tabulate(results: Sequence[dict], cols: Sequence[tuple[str, float, str]] | None = None) -> str:
     """Markdown table: one row per result, robust accuracy (%) per attack and eps."""
     cols = list(cols) if cols is not None else columns(results)
-    head = ["model", "mode", "bits", "beta", "adv. train", "defense", "n", "clean"]
+    head = ["model", "mode", "bits", "beta", "adv. train", "defense", "target", "n", "clean"]
     head += [f"{a}@{e:g}" + ("" if n == "Linf" else f" ({n})") for a, e, n in cols]
     head += ["headline", "sanity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -180,6 +180,7 @@ def tabulate(results: Sequence[dict], cols: Sequence[tuple[str, float, str]] | N
         ev = {(e["attack"], float(e["eps"]), e["norm"]): e["robust_acc"] for e in r["evaluations"]}
         adv = r["adv_train"] if r["adv_train"] == "none" else f"{r['adv_train']}@{r['adv_eps']:g}"
         cells = [r["model"], r["mode"], _bits(r), f"{r['beta']:g}", adv, r["defense"] or "-",
+                 "FPGA sim" if r.get("target") == "hw" else "PyTorch",
                  str(r["n_examples"]), _pct(r["clean_acc"])]  # fmt: skip
         cells += [_pct(ev.get(c)) for c in cols]
         h = r["headline"]

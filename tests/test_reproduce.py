@@ -11,7 +11,7 @@ from hw_dq.results import load
 MICRO = Scale(
     data="sample", train_subset=256, width=0.125, fp_epochs=1, q_epochs=1, batch_size=64, abits=[2],
     betas=[3e-3], adv_train=False, n_eval=32, eps=[8.0], aa_iters=2, aa_targets=1, aa_queries=10, n_probe=16,
-    squeezers=["bits:4"], n_amplification=16,
+    squeezers=["bits:4"], n_amplification=16, n_hw=16, hw_queries=20,
 )  # fmt: skip
 
 
@@ -32,6 +32,9 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path):
     results = load([out / "runs"])
     names = sorted((r["run_dir"].split("/")[-1], r["name"]) for r in results)
     assert ("fp", "robustness") in names and ("dq1-a2", "robustness") in names and ("vq-a2", "squeeze-bits4") in names
+    assert ("vq-a2", "robustness-hw") in names and ("dq1-a2", "robustness-hw") in names  # hardware columns
+    hw = next(r for r in results if r["run_dir"].endswith("vq-a2") and r["name"] == "robustness-hw")
+    assert hw["target"] == "hw" and {e["attack"] for e in hw["evaluations"]} == {"transfer-pgd", "square"}
     dq = next(r for r in results if r["run_dir"].endswith("dq1-a2") and r["name"] == "robustness")
     assert {e["attack"] for e in dq["evaluations"]} == {"fgsm", "pgd", "autoattack", "transfer-pgd"}
     assert dq["sanity"]["verdict"] in ("pass", "warn")
