@@ -28,18 +28,26 @@ from hw_dq.train import TrainConfig, train
 N_EXACT = 200
 
 
-def _train_and_build(root: Path, wbits: int, abits: int) -> Path:
-    run = root / f"cnv_w{wbits}a{abits}"
-    cfg = TrainConfig(model="cnv", width=0.25, wbits=wbits, abits=abits, epochs=1, train_subset=1024,
-                      test_subset=64, batch_size=64, lr=0.05)  # fmt: skip
-    train(cfg, run, progress=False)
-    build_run(run, "Pynq-Z1", target_fps=2000)
+COMMON = dict(model="cnv", width=0.25, train_subset=2048, test_subset=64, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory) -> Path:
+    """A short full-precision run: low-bit nets fine-tuned from it are alive (QAT from scratch on
+    this little data often leaves every activation at zero, which would make the check vacuous)."""
+    run = tmp_path_factory.mktemp("hwfp") / "fp"
+    train(TrainConfig(**COMMON, wbits=None, abits=None, epochs=2, lr=0.05), run, progress=False)
     return run
 
 
 @pytest.fixture(scope="module", params=[(1, 1), (2, 2), (4, 4)], ids=["w1a1", "w2a2", "w4a4"])
-def cnv_build(request, tmp_path_factory) -> Path:
-    return _train_and_build(tmp_path_factory.mktemp("hw"), *request.param)
+def cnv_build(request, fp_run, tmp_path_factory) -> Path:
+    wbits, abits = request.param
+    run = tmp_path_factory.mktemp("hw") / f"cnv_w{wbits}a{abits}"
+    cfg = TrainConfig(**COMMON, wbits=wbits, abits=abits, epochs=1, lr=0.01, init_from=str(fp_run))
+    train(cfg, run, progress=False)
+    build_run(run, "Pynq-Z1", target_fps=2000)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,7 @@ def test_bit_exact_with_finn_on_real_and_adversarial_images(cnv_build, images):
     xa = uint8_grid(adv)
     assert np.array_equal(sim(xa).numpy().reshape(32, -1), finn_reference(build, xa).reshape(32, -1))
     # not a degenerate comparison: the accelerator's logits differ across images
-    assert len(np.unique(got, axis=0)) > len(x) // 4
+    assert len(np.unique(got, axis=0)) > 20, "the network is dead: the comparison would be vacuous"
 
 
 def test_altered_threshold_is_caught_and_located(cnv_build, tmp_path):
