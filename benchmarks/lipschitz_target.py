@@ -76,25 +76,27 @@ def train_variant(name: str, overrides: dict[str, Any], fp_epochs: int, q_epochs
     return out
 
 
-def craft_pgd(model: torch.nn.Module, x: torch.Tensor, eps_255: float) -> np.ndarray:
-    """PGD-10 examples on ``model`` with exactly the settings of hw_dq.attack.robust_accuracy."""
-    from hw_dq.attack import art_classifier, make_attack
+def craft_transfer(fp_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: float) -> np.ndarray:
+    """PGD-10 examples crafted on the FP model: hw_dq.attack.generate('transfer-pgd', source=fp)."""
+    from hw_dq.attack import AttackParams, generate
 
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)
-    clf = art_classifier(model, tuple(x.shape[1:]))
-    atk, _ = make_attack("pgd", clf, eps_255 / 255.0, 128, PGD_STEPS)
-    return atk.generate(x.numpy())
+    x_adv, _, _ = generate(fp_model, x, y, "transfer-pgd", eps_255, seed=SEED,
+                           params=AttackParams(pgd_steps=PGD_STEPS), source=fp_model)  # fmt: skip
+    return x_adv
 
 
-def accuracy_on(model: torch.nn.Module, x_adv: np.ndarray, y: torch.Tensor) -> float:
-    from hw_dq.attack import clean_accuracy
+def joint_accuracy(model: torch.nn.Module, x: torch.Tensor, x_adv: np.ndarray, y: torch.Tensor) -> float:
+    """hw_dq.attack's definition: robust = clean input AND adversarial input classified correctly."""
+    model.eval()
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        adv = model(torch.from_numpy(x_adv)).argmax(1) == y
+    return float((clean & adv).float().mean())
 
-    return clean_accuracy(model, torch.from_numpy(x_adv), y)
 
-
-def evaluate(name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-             transfer: dict[float, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor
+) -> dict[str, Any]:
     from hw_dq import rundir as rd
     from hw_dq.attack import clean_accuracy, robust_accuracy
 
@@ -111,16 +113,11 @@ def evaluate(name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.T
         "clean_acc_1000": clean_accuracy(model, xt, yt),
         "clean_acc_500": clean_accuracy(model, x, y),
         "white_box": [],
-        "transfer_from_fp": [],
     }
     for atk in ("fgsm", "pgd"):
         for eps in EPS:
             r = robust_accuracy(model, x, y, atk, eps, seed=SEED, steps=PGD_STEPS)
             res["white_box"].append(asdict(r))
-    for eps in EPS:
-        res["transfer_from_fp"].append({"attack": "pgd (crafted on fp)", "eps": eps, "steps": PGD_STEPS,
-                                        "robust_acc": accuracy_on(model, transfer[eps], y),
-                                        "n_examples": len(y), "seed": SEED})  # fmt: skip
     lip = json.loads((out / "lipschitz.json").read_text())
     metrics = rd.read_jsonl(out / rd.METRICS)
     layers = lip["layers"]
@@ -141,6 +138,12 @@ def evaluate(name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.T
         "reg_over_ce_last": metrics[-1]["reg"] / max(1e-12, metrics[-1]["ce"]),
         "init_from": cfg["train"]["init_from"],
     }
+    # the reloaded model must reproduce the accuracy fit() measured on the same 1,000 images
+    res["reload_check"] = {"fit_last_test_acc": metrics[-1]["test_acc"],
+                           "matches": abs(metrics[-1]["test_acc"] - res["clean_acc_1000"]) < 1e-9}  # fmt: skip
+    if not res["reload_check"]["matches"]:
+        raise SystemExit(f"{name}: reloaded model gives {res['clean_acc_1000']} but fit() measured "
+                         f"{metrics[-1]['test_acc']}: the quantizers changed since training?")  # fmt: skip
     res["eval_wall_s"] = time.time() - t0
     cache.write_text(json.dumps(res, indent=2) + "\n")
     print(f"[{name}] evaluated in {res['eval_wall_s']:.0f}s", flush=True)
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--q-epochs", type=int, default=10)
     ap.add_argument("--n-attack", type=int, default=500)
     ap.add_argument("--only", nargs="*", default=None, help="subset of variants")
+    ap.add_argument("--craft-only", action="store_true", help="only craft the FP transfer examples")
+    ap.add_argument("--eval-only", action="store_true", help="only train/evaluate --only (no transfer, no report)")
     args = ap.parse_args(argv)
     mach = machine()
     vs = variants(args.betas)
@@ -214,22 +219,36 @@ def main(argv: list[str] | None = None) -> None:
     outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in train_names}
     from hw_dq import rundir as rd
 
-    cache = RUNS / f"transfer_fp_pgd{PGD_STEPS}_n{args.n_attack}.npz"
+    if args.eval_only:
+        for n in names:
+            evaluate(n, outs[n], x, y, xt, yt)
+        return
+    # written by hw_dq.attack.generate("transfer-pgd", source=fp): true labels, seed 0
+    cache = RUNS / f"transfer_fp_pgd{PGD_STEPS}_n{args.n_attack}_v2.npz"
     if cache.is_file():
         with np.load(cache) as z:
             transfer = {eps: z[f"eps{eps:g}"] for eps in EPS}
     else:
         fp_model, _ = rd.load_model(outs["fp"])
         t0 = time.time()
-        transfer = {eps: craft_pgd(fp_model, x, eps) for eps in EPS}
+        transfer = {eps: craft_transfer(fp_model, x, y, eps) for eps in EPS}
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, **{f"eps{eps:g}": a for eps, a in transfer.items()})
         tmp.replace(cache)
         print(f"transfer examples crafted on fp in {time.time() - t0:.0f}s", flush=True)
+    if args.craft_only:
+        return
     rows = {}
     for n in names:
-        r = evaluate(n, outs[n], x, y, xt, yt, transfer)
+        r = evaluate(n, outs[n], x, y, xt, yt)
         cfg = json.loads((outs[n] / "config.json").read_text())
+        if "diverged_at_epoch" not in r:
+            model, _ = rd.load_model(outs[n])
+            r["transfer_from_fp"] = [
+                {"attack": "transfer-pgd (crafted on fp)", "eps": eps, "steps": PGD_STEPS,
+                 "robust_acc": joint_accuracy(model, x, transfer[eps], y), "n_examples": len(y), "seed": SEED}
+                for eps in EPS
+            ]  # fmt: skip
         rows[n] = {"mode": cfg["mode"], "beta": cfg["train"]["beta"],
                    "target": cfg["train"]["lipschitz_target"] if cfg["train"]["beta"] else "-",
                    "run_dir": str(outs[n].relative_to(REPO)), **r}  # fmt: skip

@@ -144,6 +144,51 @@ def child_profile(name: str, steps: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def regcost(reps: int, bits: int = 2) -> None:
+    """The DQ regulariser alone (fwd + bwd, both targets) interleaved with whole VQ steps.
+
+    The baseline's DQ/VQ ratio is the ratio of two noisy medians; on a loaded machine the
+    regulariser's few-percent share drowns in that noise. Here DQ/VQ ~= 1 + t_reg / t_VQ.
+    """
+    import statistics as st
+
+    from hw_dq import lipschitz
+
+    mach = machine()
+    step = Step(f"VQ w{bits}a{bits}")
+    model = step.model
+
+    def reg(target: str) -> float:
+        t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        lipschitz.regulariser(model, 3e-4, target).backward()
+        return time.perf_counter() - t
+
+    fns = {"VQ step": step, "regulariser weight (fwd+bwd)": lambda: reg("weight"),
+           "regulariser bn_folded (fwd+bwd)": lambda: reg("bn_folded")}  # fmt: skip
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            times[k].append(f())
+    med = {k: st.median(v) for k, v in times.items()}
+    rows = [[k, f"{1000 * med[k]:.1f}", f"{1000 * min(times[k]):.1f}",
+             "" if k == "VQ step" else f"{1 + med[k] / med['VQ step']:.3f}"] for k in fns]  # fmt: skip
+    text = "\n\n".join(
+        [
+            f"# Cost of the DQ regulariser alone (full-width CNV w{bits}a{bits}, batch 128)",
+            f"Machine: {machine_line(mach)}.",
+            f"Interleaved in one process, 1 warm-up, median and min of {reps} repetitions (ms). "
+            "'implied DQ/VQ' = 1 + median(regulariser) / median(VQ step).",
+            md_table(["what", "median ms", "min ms", "implied DQ/VQ"], rows),
+        ]
+    )
+    write_results("train_step_regcost", {"machine": mach, "reps": reps, "bits": bits, "all_s": times,
+                                       "median_s": med}, text)  # fmt: skip
+    print(text)
+
+
 # ----------------------------------------------------------------------------- parent side
 def spawn(args: list[str], env: dict[str, str] | None = None, timeout: int = 3600) -> dict[str, Any]:
     full_env = {**os.environ, **(env or {})}
@@ -232,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mem-steps", type=int, default=2)
     ap.add_argument("--attempt-reps", type=int, default=4)
     ap.add_argument("--skip-attempts", action="store_true")
+    ap.add_argument("--regcost", action="store_true", help="only time the regulariser alone vs a VQ step")
     ap.add_argument("--child", choices=("time", "memory", "profile"))
     ap.add_argument("--names", nargs="*", default=list(CONFIGS))
     ap.add_argument("--channels-last", action="store_true")
@@ -239,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
 
+    if args.regcost:
+        regcost(args.reps)
+        return
     if args.child:
         import torch
 
