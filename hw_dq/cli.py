@@ -67,6 +67,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--init-from", metavar="RUN_DIR", help="start from another run's weights (e.g. an FP run)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
+    g.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm (0 = off)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, help="dataset (default: the embedded CIFAR-10 sample)")
@@ -83,7 +84,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 TRAIN_KEYS = (
     "model", "wbits", "abits", "width", "depth", "beta", "lipschitz_target", "epochs", "batch_size",
-    "lr", "weight_decay", "schedule", "seed", "init_from", "checkpoint_every", "device", "data",
+    "lr", "weight_decay", "schedule", "seed", "init_from", "checkpoint_every", "grad_clip", "device", "data",
     "data_dir", "download", "train_subset", "test_subset", "adv_train", "adv_eps", "adv_steps",
 )  # fmt: skip
 

@@ -69,6 +69,7 @@ class TrainConfig:
     adv_alpha: float | None = None
     init_from: str | None = None
     checkpoint_every: int = 0
+    grad_clip: float = 0.0  # max global gradient norm (0 = off); the same for FP, VQ and DQ
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class TrainConfig:
             (0 <= self.adv_eps <= 255, f"invalid --adv-eps {self.adv_eps}: use 0..255 (units of 1/255)"),
             (self.adv_steps >= 1, f"invalid adv steps {self.adv_steps}: must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.grad_clip >= 0, f"invalid grad_clip {self.grad_clip}: must be >= 0 (0 = off)"),
         ]  # fmt: skip
         for ok, msg in checks:
             if not ok:
@@ -348,6 +350,9 @@ def fit(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                # the orthogonality penalty's gradient is cubic in W: one large step can blow it up
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             n = yb.shape[0]
             s["loss"] += float(loss.detach()) * n
