@@ -262,7 +262,9 @@ def render(res: dict[str, Any]) -> str:
             f"{res['warmup']} warm-up) in a fresh process; 'ref ms' is the same configurations in a "
             "baseline-settings process run right before it; 'ratio' < 1 is faster. DQ is VQ plus the "
             "regulariser, which none of the attempts touches.",
-            md_table(["attempt", "how", "config", "ref ms", "ms", "ratio"], att_rows),
+            md_table(["attempt", "how", "config", "ref ms", "ms", "ratio"], att_rows)
+            if att_rows
+            else "Not run in this invocation (--skip-attempts); see train_step_attempts.md.",
             f"## Where the time goes: torch.profiler, one {prof.get('config')} step (self CPU time)",
             f"Total self CPU time per step: {prof.get('total_self_cpu_ms_per_step', float('nan')):.0f} ms.",
             md_table(["op", "calls/step", "self ms/step", "share"], prof_rows),
