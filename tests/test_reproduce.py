@@ -10,7 +10,7 @@ from hw_dq.results import load
 
 MICRO = Scale(
     data="sample", train_subset=256, width=0.125, fp_epochs=1, q_epochs=1, batch_size=64, abits=[2],
-    betas=[3e-3], adv_train=False, n_eval=32, eps=[8.0], aa_iters=2, aa_targets=1, aa_queries=10, n_probe=16,
+    betas=[3e-4], adv_train=False, n_eval=32, eps=[8.0], aa_iters=2, aa_targets=1, aa_queries=10, n_probe=16,
     squeezers=["bits:4"], n_amplification=16, n_hw=16, hw_queries=20,
 )  # fmt: skip
 
