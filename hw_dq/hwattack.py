@@ -309,12 +309,14 @@ def attack_hw(
     adv, params = craft(attack, model, sim, x, y, eps_255, seed, steps, queries)
     linf = np.abs(adv - x).reshape(len(x), -1).max(1) * 255.0
     hw, sw = hw_labels(sim, adv), sw_labels(model, adv)
+    # robust = right on the clean image and on its adversarial one (as hw_dq.attack counts it)
+    hw_clean, sw_clean = hw_labels(sim, x) == y, sw_labels(model, x) == y
     if attack == "hsj":  # minimal-perturbation attack: an example beyond eps does not count
         within = linf <= eps_255 + 1e-6
-        hw_ok = (hw == y) | ~within
-        sw_ok = (sw == y) | ~within
+        hw_ok = hw_clean & ((hw == y) | ~within)
+        sw_ok = sw_clean & ((sw == y) | ~within)
     else:
-        hw_ok, sw_ok = hw == y, sw == y
+        hw_ok, sw_ok = hw_clean & (hw == y), sw_clean & (sw == y)
     disagree = np.nonzero(hw != sw)[0]
     hist: dict[str, int] = {}
     if len(disagree):
