@@ -67,12 +67,33 @@ def bn_gain(bn: nn.Module | None, like: torch.Tensor) -> torch.Tensor | None:
     return gamma / torch.sqrt(bn.running_var + bn.eps).to(like)
 
 
+class _OrthoResidual(torch.autograd.Function):
+    """``||G - I||_F^2`` with its exact gradient ``4 (G - I) M`` (or ``4 M (G - I)``).
+
+    Autograd would spend three matrix products per layer (the Gram and two in its backward);
+    the closed-form gradient needs one more after the Gram, which keeps DQ's step within a few
+    percent of VQ's.
+    """
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        wide = m.shape[0] <= m.shape[1]
+        gram = m @ m.t() if wide else m.t() @ m
+        gram.diagonal().sub_(1.0)  # G - I, in place
+        ctx.save_for_backward(m, gram)
+        ctx.wide = wide
+        return gram.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        m, d = ctx.saved_tensors
+        g = d @ m if ctx.wide else m @ d
+        return g.mul_(4.0 * grad)
+
+
 def orthogonality_residual(w: torch.Tensor) -> torch.Tensor:
     """``||G - I||_F^2`` with G the smaller Gram matrix of w reshaped to out x rest."""
-    m = w.reshape(w.shape[0], -1)
-    gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return (gram - eye).pow(2).sum()
+    return _OrthoResidual.apply(w.reshape(w.shape[0], -1))
 
 
 def orthogonality_penalty(model: nn.Module, target: str = "weight") -> torch.Tensor:

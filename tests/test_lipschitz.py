@@ -104,3 +104,16 @@ def test_network_bound_is_product_for_chains_and_composes_for_wrn():
     rep_w = lipschitz.report(w)
     assert rep_w["network_bound"] > 0 and len(rep_w["layers"]) == 10
     assert "| layer |" in lipschitz.table(rep_w)
+
+
+@pytest.mark.parametrize("shape", [(4, 27), (27, 4), (5, 5)])
+def test_closed_form_gradient_matches_autograd(shape):
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lipschitz.orthogonality_residual, (w,))
+    m = w.detach().clone().requires_grad_(True)
+    gram = m @ m.t() if shape[0] <= shape[1] else m.t() @ m
+    ((gram - torch.eye(gram.shape[0], dtype=gram.dtype)) ** 2).sum().backward()
+    w.grad = None
+    lipschitz.orthogonality_residual(w).backward()
+    assert torch.allclose(w.grad, m.grad)
