@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from benchmarks.fpga_fit import lively  # one helper for the benchmark and the test
 from hw_dq.boards import load_board_file
 from hw_dq.quant import QuantSpec
 from tests.conftest import assert_one_line_error, run_cli
@@ -119,16 +120,6 @@ def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
     export_model(_Unmappable().eval(), tmp_path, sample_images({}, 2))
     proc = run_cli("build", str(tmp_path / "qonnx.onnx"), "--board", "ZCU104", "--target-fps", "100", "--quiet")
     assert_one_line_error(proc, "cannot be mapped to FINN hardware", "Sin")
-
-
-def lively(model: torch.nn.Module) -> torch.nn.Module:
-    """Spread the BatchNorm outputs so that an untrained low-bit model's activations are not all zero."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.fill_(0.05)
-                m.bias.normal_(1.5, 1.0)
-    return model.eval()
 
 
 @pytest.mark.parametrize("bits", [2, pytest.param(4, marks=pytest.mark.slow)])  # ~30 s each here
