@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import machine, machine_line, md_table, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    import torch
-
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), {platform.system()}"
 
 
 def prepare(run: Path, bits: int) -> Path:
@@ -54,8 +36,20 @@ def prepare(run: Path, bits: int) -> Path:
     return build
 
 
+def _vm(key: str) -> float:
+    """A /proc/self/status memory field in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def child(kind: str, run: Path, n: int) -> dict:
-    """One measurement (runs in a subprocess): images/s and peak RSS growth."""
+    """One measurement (runs in a subprocess): images/s and peak memory above the warmed-up baseline.
+
+    The peak is the kernel's high-water mark (VmHWM), reset after warm-up through
+    /proc/self/clear_refs, so it counts what the timed batches allocate and nothing before.
+    """
     import torch
 
     from hw_dq.data import load_split
@@ -64,33 +58,25 @@ def child(kind: str, run: Path, n: int) -> dict:
 
     x, _ = load_split("sample", "test").take(n, seed=0).tensors()
     build = run / "build" / "Pynq-Z1"
+    xin = uint8_grid(x)
     if kind == "sim":
         sim = load_simulator(build, verify=0)
-        xin = uint8_grid(x)
-        sim(xin[:8])
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t = time.perf_counter()
-        for i in range(0, n, 256):
-            sim(xin[i : i + 256])
-        dt = time.perf_counter() - t
+        inputs, batch, fn = xin, 256, sim
     elif kind == "brevitas":
         model, _ = load_model(run)
-        with torch.no_grad():
-            model(x[:8])
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            t = time.perf_counter()
-            for i in range(0, n, 256):
-                model(x[i : i + 256])
-            dt = time.perf_counter() - t
+        inputs, batch, fn = x, 256, model
     else:
-        xin = uint8_grid(x)
-        finn_reference(build, xin[:1])
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        inputs, batch, fn = xin, n, lambda b: finn_reference(build, b)  # FINN runs one image at a time
+    with torch.no_grad():
+        fn(inputs[:1])  # warm-up: lazy initialisation is not timed
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+        base = _vm("VmRSS")
         t = time.perf_counter()
-        finn_reference(build, xin)
+        for i in range(0, n, batch):
+            fn(inputs[i : i + batch])
         dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "n": n, "seconds": dt, "images_per_s": n / dt, "peak_rss_growth_mb": (peak - base) / 1024}
+    peak = _vm("VmHWM")
+    return {"kind": kind, "n": n, "seconds": dt, "images_per_s": n / dt, "peak_mem_above_baseline_mb": peak - base}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,34 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.loads(out.strip().splitlines()[-1]))
     by = {r["kind"]: r for r in rows}
     res = {
-        "machine": _machine(),
+        "machine": machine(),
         "model": f"CNV full width, w{a.bits}a{a.bits}, Pynq-Z1 build (folded, specialised)",
-        "load_average_at_start": list(__import__("os").getloadavg()),
         "rows": rows,
         "sim_vs_finn": by["sim"]["images_per_s"] / by["finn"]["images_per_s"],
         "sim_vs_brevitas": by["sim"]["images_per_s"] / by["brevitas"]["images_per_s"],
         "goals": {"sim_vs_finn": ">= 100", "sim_vs_brevitas": ">= 0.5"},
     }
-    lines = [
-        f"# Accelerator simulation throughput ({res['model']})",
-        "",
-        f"Machine: {res['machine']}; load average at start {res['load_average_at_start']}.",
-        "",
-        "| executor | images | s | images/s | peak RSS growth (MB) |",
-        "|---|---:|---:|---:|---:|",
-    ]
     names = {"finn": "FINN execute_onnx (node by node)", "sim": "hw_dq.hwsim (batched, bit-exact)",
              "brevitas": "Brevitas eval forward"}  # fmt: skip
-    for r in rows:
-        lines.append(f"| {names[r['kind']]} | {r['n']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} "
-                     f"| {r['peak_rss_growth_mb']:.0f} |")  # fmt: skip
-    lines += ["", f"Simulator / FINN: **{res['sim_vs_finn']:.0f}x** (goal >= 100x); "
-              f"simulator / Brevitas: **{res['sim_vs_brevitas']:.2f}** (goal >= 0.5)."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
+    table = md_table(
+        ["executor", "images", "s", "images/s", "peak memory above baseline (MB)"],
+        [[names[r["kind"]], r["n"], f"{r['seconds']:.2f}", f"{r['images_per_s']:.1f}",
+          f"{r['peak_mem_above_baseline_mb']:.0f}"] for r in rows],
+    )  # fmt: skip
+    text = (
+        f"# Accelerator simulation throughput ({res['model']})\n\nMachine: {machine_line(res['machine'])}.\n\n"
+        f"{table}\n\nSimulator / FINN: **{res['sim_vs_finn']:.0f}x** (goal >= 100x); "
+        f"simulator / Brevitas: **{res['sim_vs_brevitas']:.2f}** (goal >= 0.5).\n"
+    )
     print(text)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "hwsim_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
-    (OUT / "hwsim_throughput.md").write_text(text)
+    write_results("hwsim_throughput", res, text)
     return 0
 
 

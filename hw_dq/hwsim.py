@@ -21,6 +21,7 @@ so a folded build folder executes here too. Unknown nodes raise :class:`Simulati
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch.nn import functional as F  # noqa: N812
 from hw_dq.errors import HwDqError
 
 EXACT_FLOAT32 = 2**24
+SEARCH_ABOVE = 8  # thresholds per channel above which a binary search beats comparisons
 
 
 class SimulationError(HwDqError):
@@ -72,16 +74,17 @@ def _threshold(x: torch.Tensor, thr: torch.Tensor, channels_last: bool) -> torch
     t = thr.to(x.dtype)
     if t.shape[0] == 1 and c > 1:
         t = t.expand(c, -1)
-    flat = x.reshape(-1, c)
-    if t.shape[1] > 1 and bool((t[:, 1:] >= t[:, :-1]).all()):
-        # sorted thresholds: a batched binary search per channel counts t <= x exactly
+    if t.shape[1] > SEARCH_ABOVE and bool((t[:, 1:] >= t[:, :-1]).all()):
+        # many sorted thresholds: a batched binary search per channel counts t <= x exactly
+        flat = x.reshape(-1, c)
         out = torch.searchsorted(t.contiguous(), flat.t().contiguous(), right=True).t().to(x.dtype)
+        out = out.reshape(x.shape)
     else:
-        out = torch.zeros_like(flat)
-        for j in range(t.shape[1]):  # a pass per threshold: no N x C x T intermediate
-            out += flat >= t[:, j]
-    out = out.reshape(x.shape)
-    if not channels_last and x.dim() > 2:
+        # few thresholds: one broadcast comparison per threshold, counted in place
+        out = torch.ge(x, t[:, 0]).to(x.dtype)
+        for j in range(1, t.shape[1]):
+            out.add_(torch.ge(x, t[:, j]))
+    if not channels_last and out.dim() > 2:
         out = out.movedim(-1, 1)
     return out
 
@@ -89,11 +92,23 @@ def _threshold(x: torch.Tensor, thr: torch.Tensor, channels_last: bool) -> torch
 class HwSimulator:
     """Compile a FINN (or streamlined QONNX) graph once, then run batches through it."""
 
-    def __init__(self, model_or_path, device: str = "cpu", partition: str | Path | None = None):
+    def __init__(
+        self,
+        model_or_path,
+        device: str = "cpu",
+        partition: str | Path | None = None,
+        fuse: bool = True,
+        chunk: int = 64,
+    ):
         """``partition``: run this dataflow model in place of the graph's StreamingDataflowPartition
-        (a build folder's folded ``dataflow_model.onnx`` inside its ``dataflow_parent.onnx``)."""
+        (a build folder's folded ``dataflow_model.onnx`` inside its ``dataflow_parent.onnx``).
+        ``fuse``: run each im2col + MVAU pair as one convolution where that is exact.
+        ``chunk``: images per pass through the graph (bounds memory and keeps layers in cache)."""
         from qonnx.core.modelwrapper import ModelWrapper
 
+        if chunk < 1:
+            raise SimulationError(f"chunk must be >= 1 image, got {chunk}")
+        self.fuse, self.chunk = fuse, chunk
         self.partition = Path(partition) if partition is not None else None
 
         self.model = model_or_path if isinstance(model_or_path, ModelWrapper) else ModelWrapper(str(model_or_path))
@@ -113,6 +128,7 @@ class HwSimulator:
         return model.get_tensor_datatype(name)
 
     def _compile(self, model) -> None:
+        skip: set[str] = set()  # nodes already compiled into a fused step
         for node in model.graph.node:
             op = _base_op(node.op_type)
             if op == "StreamingDataflowPartition":
@@ -130,6 +146,19 @@ class HwSimulator:
                     Step(node.name, "Identity", [child.graph.output[0].name], [node.output[0]], _identity)
                 )
                 continue
+            if node.name in skip:
+                continue
+            if op == "ConvolutionInputGenerator" and self.fuse:
+                consumers = model.find_consumers(node.output[0]) or []
+                if len(consumers) == 1 and _base_op(consumers[0].op_type) == "MVAU":
+                    mvau = consumers[0]
+                    fn = self._fused_conv(model, node, mvau)
+                    if fn is not None:
+                        ins = [node.input[0], *mvau.input[1:]]
+                        shapes = [_shape(model, o) for o in mvau.output]
+                        self.steps.append(Step(mvau.name, mvau.op_type, ins, list(mvau.output), fn, shapes))
+                        skip.add(mvau.name)
+                        continue
             maker = getattr(self, f"_op_{op}", None)
             if maker is None:
                 raise SimulationError(
@@ -185,39 +214,82 @@ class HwSimulator:
         bound = float(w.abs().sum(0).max()) * xmax
         return torch.float32 if bound < EXACT_FLOAT32 else torch.float64
 
-    def _op_MVAU(self, model, node, a):  # noqa: N802
+    def _mvau_parts(self, model, node, a):
+        """(K x OC weights in the accumulation dtype, XNOR popcount?, accumulator -> output)."""
         w = self._const(node.input[1]).double()
         xnor = bool(a.get("binaryXnorMode", 0))
         idt, wdt = self._dtype(model, node.input[0]), self._dtype(model, node.input[1])
         bipolar_both = str(idt) == "BIPOLAR" and str(wdt) == "BIPOLAR"
-        if xnor or bipolar_both:
-            wb = (w + 1) / 2 if bipolar_both else w
-            dt = torch.float32 if wb.shape[0] < EXACT_FLOAT32 else torch.float64
-            wb = wb.to(dt)
-
-            def mm(x):
-                xb = ((x + 1) / 2 if bipolar_both else x).to(dt)
-                return xb @ wb + (1 - xb) @ (1 - wb)  # popcount of XNOR
+        popcount = xnor or bipolar_both
+        if popcount:
+            w = (w + 1) / 2 if bipolar_both else w
+            dt = torch.float32 if w.shape[0] < EXACT_FLOAT32 else torch.float64
         else:
             dt = self._acc_dtype(model, node, w)
-            wt = w.to(dt)
-
-            def mm(x):
-                return x.to(dt) @ wt
-
-        mw = int(a["MW"])
         act = int(a.get("noActivation", 0)) == 0
         thr = self._const(node.input[2]) if act else None
-        odt = a.get("outputDataType", b"")
-        bipolar_out = odt in (b"BIPOLAR", "BIPOLAR")
+        bipolar_out = a.get("outputDataType", b"") in (b"BIPOLAR", "BIPOLAR")
         scale, bias = (2.0, -1.0) if bipolar_out else (1.0, float(a.get("ActVal", 0)))
+
+        def activate(acc: torch.Tensor) -> torch.Tensor:
+            if act:
+                acc = _threshold(acc, thr, True)
+                if scale != 1.0:
+                    acc.mul_(scale)
+                if bias:
+                    acc.add_(bias)
+            return acc.float()
+
+        return w.to(dt), popcount, bipolar_both, activate
+
+    def _op_MVAU(self, model, node, a):  # noqa: N802
+        wt, popcount, bipolar_both, activate = self._mvau_parts(model, node, a)
+        dt, mw = wt.dtype, int(a["MW"])
 
         def run(x, *_):
             lead = x.shape[:-1] if x.shape[-1] == mw else (x.shape[0],)
-            acc = mm(x.reshape(*lead, mw))
-            if act:
-                acc = scale * _threshold(acc, thr, True) + bias
-            return acc.float()
+            x = x.reshape(*lead, mw).to(dt)
+            if popcount:
+                xb = (x + 1) / 2 if bipolar_both else x
+                acc = xb @ wt + (1 - xb) @ (1 - wt)  # popcount of XNOR
+            else:
+                acc = x @ wt
+            return activate(acc)
+
+        return run
+
+    def _fused_conv(self, model, cig, mvau) -> Callable | None:
+        """ConvolutionInputGenerator + MVAU as one ``conv2d`` (no im2col copy), where exact.
+
+        FINN's im2col order is (kh, kw, C), so the MVAU's K x OC matrix is a (kh, kw, C, OC)
+        kernel. A float32 convolution of integers is exact when every partial sum stays below
+        2^24 (the accumulator bound), whatever the summation order; wider accumulators, 1D and
+        depthwise generators keep the unfused path. ``run`` forces full fp32 precision (no
+        TF32/bf16 reductions), and every build is checked against FINN when it is loaded.
+        """
+        ca, ma = _attrs(cig), _attrs(mvau)
+        k, s = list(ca["ConvKernelDim"]), list(ca["Stride"])
+        d = list(ca.get("Dilation", [1, 1]))
+        if int(ca.get("depthwise", 0)) or len(k) != 2 or k[0] * k[1] * int(ca["IFMChannels"]) != int(ma["MW"]):
+            return None
+        wt, popcount, bipolar_both, activate = self._mvau_parts(model, mvau, ma)
+        if wt.dtype != torch.float32:
+            return None
+        ch, oc = int(ca["IFMChannels"]), wt.shape[1]
+        kern = wt.reshape(k[0], k[1], ch, oc).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+        inv = (1 - kern).contiguous(memory_format=torch.channels_last) if popcount else None
+
+        def conv(x: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x, wk, stride=tuple(s), dilation=tuple(d))
+
+        def run(x, *_):
+            xc = x.permute(0, 3, 1, 2)  # NHWC storage read as channels-last NCHW: no copy
+            if popcount:
+                xb = (xc + 1) / 2 if bipolar_both else xc
+                acc = conv(xb, kern) + conv(1 - xb, inv)
+            else:
+                acc = conv(xc, kern)
+            return activate(acc.permute(0, 2, 3, 1))
 
         return run
 
@@ -346,6 +418,13 @@ class HwSimulator:
             raise SimulationError(
                 f"input shape {tuple(xt.shape[1:])} does not match the graph's {self.input_shape[1:]}"
             )
+        with _exact_fp32():
+            if keep or len(xt) <= self.chunk:
+                return self._run(xt, keep)
+            parts = [self._run(xt[i : i + self.chunk], False) for i in range(0, len(xt), self.chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _run(self, xt: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
         ctx: dict[str, torch.Tensor] = {self.input_name: xt}
         if not hasattr(self, "_free"):
             last = {n: i for i, st in enumerate(self.steps) for n in st.inputs}
@@ -368,6 +447,8 @@ class HwSimulator:
             if not keep:
                 for name in self._free[i]:
                     ctx.pop(name, None)
+        if not keep:
+            ctx.pop(self.input_name, None)
         return ctx
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -380,6 +461,18 @@ def _shape(model, name: str) -> tuple[int, ...] | None:
     except Exception:  # tensors without value info have no declared shape
         return None
     return tuple(int(d) for d in shape) if shape else None
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """Full-precision float32 matmul/convolution while simulating (no TF32 or bf16 reductions,
+    which would break exactness); the caller's setting is restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from hw_dq.build import build_run
 from hw_dq.data import load_split
 from hw_dq.hwattack import (
     DATAFLOW,
+    PARENT,
     craft,
     finn_reference,
     load_simulator,
@@ -72,6 +73,23 @@ def test_bit_exact_with_finn_on_real_and_adversarial_images(cnv_build, images):
     assert len(np.unique(got, axis=0)) > 20, "the network is dead: the comparison would be vacuous"
 
 
+def test_fused_convolutions_and_chunks_change_nothing(cnv_build, images):
+    """im2col + MVAU run as one convolution, in chunks of images: every tensor is unchanged."""
+    build = cnv_build / "build" / "Pynq-Z1"
+    fused = HwSimulator(build / PARENT, partition=build / DATAFLOW)
+    plain = HwSimulator(build / PARENT, partition=build / DATAFLOW, fuse=False)
+    n_conv = sum("ConvolutionInputGenerator" in s.op for s in plain.steps)
+    assert len(plain.steps) - len(fused.steps) >= n_conv - 2, "the convolutions were not fused"
+    xin = uint8_grid(images[0][:48])
+    a, b = fused.run(xin, keep=True), plain.run(xin, keep=True)
+    shared = [k for k in a if k in b]
+    assert len(shared) > 10
+    for k in shared:
+        assert torch.equal(a[k], b[k]), k
+    chunked = HwSimulator(build / PARENT, partition=build / DATAFLOW, chunk=7)
+    assert torch.equal(chunked(xin), fused(xin))
+
+
 def test_altered_threshold_is_caught_and_located(cnv_build, tmp_path):
     if "w2a2" not in cnv_build.name:
         pytest.skip("one bit width is enough for this check")
@@ -111,6 +129,8 @@ def test_simulator_rejects_unknown_nodes(tmp_path):
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(SimulationError, match="weird .*no bit-exact simulation"):
         HwSimulator(tmp_path / "m.onnx")
+    with pytest.raises(SimulationError, match="chunk must be >= 1"):
+        HwSimulator(tmp_path / "m.onnx", chunk=0)
 
 
 def test_uint8_grid_rounding_keeps_eps():
