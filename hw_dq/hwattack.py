@@ -252,9 +252,9 @@ def craft(
     queries: int = 1000,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model."""
-    from art.attacks.evasion import HopSkipJump, ProjectedGradientDescent, SquareAttack
+    from art.attacks.evasion import HopSkipJump, SquareAttack
 
-    from hw_dq.attack import art_classifier
+    from hw_dq.attack import AttackParams, art_classifier, autoattack, make_attack
 
     eps = eps_255 / 255.0
     np.random.seed(seed)
@@ -262,13 +262,11 @@ def craft(
     shape = tuple(x.shape[1:])
     if attack == "transfer-pgd":
         clf = art_classifier(model, shape)
-        atk = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=2.5 * eps / steps, max_iter=steps,
-                                       num_random_init=1, verbose=False)  # fmt: skip
-        params = {"source": "PyTorch model (STE gradients)", "steps": steps, "step_size_255": 2.5 * eps_255 / steps}
+        atk, p = make_attack("pgd", clf, eps, p=AttackParams(pgd_steps=steps))
+        params = {"source": "PyTorch model (STE gradients)", "steps": p["steps"], "restarts": p["restarts"],
+                  "step_size_255": p["step_size"] * 255}  # fmt: skip
         adv = atk.generate(x)
     elif attack == "transfer-autoattack":
-        from hw_dq.attack import AttackParams, autoattack
-
         clf = art_classifier(model, shape)
         ap = AttackParams(apgd_iters=max(steps, 10), apgd_targets=3, square_queries=queries)
         adv, sub, breakdown = autoattack(clf, x, y, eps, 128, ap)
