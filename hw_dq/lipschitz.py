@@ -96,12 +96,17 @@ def orthogonality_residual(w: torch.Tensor) -> torch.Tensor:
     return _OrthoResidual.apply(w.reshape(w.shape[0], -1))
 
 
-def orthogonality_penalty(model: nn.Module, target: str = "weight") -> torch.Tensor:
-    """``sum_l ||W_l^T W_l - I||_F^2`` on the float weights (differentiable)."""
+def orthogonality_penalty(
+    model: nn.Module, target: str = "weight", layers: list[LayerRef] | None = None
+) -> torch.Tensor:
+    """``sum_l ||W_l^T W_l - I||_F^2`` on the float weights (differentiable).
+
+    ``layers``: :func:`lipschitz_layers` of the model, computed once by a training loop
+    instead of on every step."""
     if target not in TARGETS:
         raise ValueError(f"unknown Lipschitz target {target!r}; choose one of {TARGETS}")
     total = None
-    for ref in lipschitz_layers(model):
+    for ref in lipschitz_layers(model) if layers is None else layers:
         w = ref.layer.weight
         if target == "bn_folded" and ref.bn is not None:
             g = bn_gain(ref.bn, w)
@@ -113,11 +118,13 @@ def orthogonality_penalty(model: nn.Module, target: str = "weight") -> torch.Ten
     return total
 
 
-def regulariser(model: nn.Module, beta: float, target: str = "weight") -> torch.Tensor:
+def regulariser(
+    model: nn.Module, beta: float, target: str = "weight", layers: list[LayerRef] | None = None
+) -> torch.Tensor:
     """``(beta / 2) * orthogonality_penalty`` (zero tensor, no graph, when beta == 0)."""
     if beta == 0:
         return torch.zeros(())
-    return 0.5 * beta * orthogonality_penalty(model, target)
+    return 0.5 * beta * orthogonality_penalty(model, target, layers)
 
 
 def effective_weight(layer: nn.Module, quantized: bool = True) -> torch.Tensor:

@@ -321,6 +321,7 @@ def fit(
             meta = {"epoch": epoch, "step": step, "sums": sums, "done": done, "config": asdict(cfg)}
             rd.save_tensors(run / rd.CHECKPOINT, _checkpoint_tensors(model, opt), meta)
 
+    reg_layers = lipschitz.lipschitz_layers(model)  # found once, not on every step
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -341,7 +342,7 @@ def fit(
                 xb = perturb(net, xb, yb, cfg, seeded_generator(cfg.seed, epoch, step, 31))
             logits = net(xb)
             ce = F.cross_entropy(logits, yb)
-            reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target).to(ce)
+            reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
             loss = ce + reg
             if not torch.isfinite(loss.detach()):
                 raise ConfigError(
