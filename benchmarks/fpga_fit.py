@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from hw_dq import build as hb
+from hw_dq import folding
 from hw_dq.boards import Board, get_board
 from hw_dq.export import export_model, sample_images
 from hw_dq.models import create_model
@@ -108,9 +109,9 @@ def finn_examples_estimate(
                     getCustomOp(n).set_nodeattr(attr, getCustomOp(a).get_nodeattr(attr))
     model = steps.step_minimize_bit_width(model, cfg)
     finn_compat.keep_bipolar_weights(model)  # the same FINN fix as hw-dq's own builds
-    est = hb._estimate(model, board.part, 1000.0 / clock_mhz)
+    est = folding.estimate(model, board.part, 1000.0 / clock_mhz)
     return {"fps": est["fps"], **est["total"], "bottleneck": est["bottleneck"],
-            "fits": all(hb._fits(est["total"], board).values()),
+            "fits": all(folding.fits(est["total"], board).values()),
             "unmatched": sorted(set(spec_left) | set(fold_left)), "auto_folded": sorted(
                 n.name for n in model.graph.node if n.name not in configured)}  # fmt: skip
 
