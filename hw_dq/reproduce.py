@@ -172,11 +172,14 @@ def reproduce(
             print(f"{n:12s} {c.mode} w{c.wbits}a{c.abits} beta={c.beta:g} adv={c.adv_train} epochs={c.epochs}")
         return {"plan": names}
     timing_path = out / "timing.json"
-    timing: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+
+    def read_timing() -> dict[str, float]:
+        return json.loads(timing_path.read_text()) if timing_path.is_file() else {}
 
     def step(name: str, fn: Any) -> None:
         t0 = time.time()
         fn()
+        timing = read_timing()  # re-read: another process (``--only``) may have added steps meanwhile
         timing[name] = timing.get(name, 0.0) + time.time() - t0
         rd.write_json(timing_path, timing)
 
@@ -231,8 +234,8 @@ def reproduce(
         step("analyse", lambda: analyse_runs(amp_runs, out, "pgd", 8.0, s.n_amplification, s.seed, data_dir))
         _mark(amp, key)
     summary = summarise(out)
-    summary["timing_s"] = timing
-    summary["wall_s_total"] = sum(timing.values())
+    summary["timing_s"] = timing = read_timing()
+    summary["wall_s_total"] = sum(timing.values())  # summed over steps (parallel --only processes overlap)
     rd.write_json(out / "summary.json", summary)
     return summary
 
