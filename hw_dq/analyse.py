@@ -49,7 +49,7 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, points: Sequence[tuple[str,
     was = model.training
     model.eval()
     try:
-        model(x)
+        model(x.to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -102,6 +102,7 @@ def analyse_runs(
     n: int = 256,
     seed: int = 0,
     data_dir: str | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Amplification of several runs side by side; writes amplification.json/.md/.png to ``out``."""
     from hw_dq import lipschitz
@@ -115,7 +116,7 @@ def analyse_runs(
         raise ConfigError(f"invalid --n {n}: must be positive")
     runs = []
     for rdir in run_dirs:
-        model, cfg = rd.load_model(rdir)
+        model, cfg = rd.load_model(rdir, device=device)
         tr = cfg.get("train", {})
         x, y = load_split(tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed).tensors()
         res = analyse_model(model, x, y, attack, eps, seed)

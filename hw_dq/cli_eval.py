@@ -66,7 +66,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
     r = evaluate_run(
         a.run_dir, a.attacks, a.eps, n=a.n, seed=a.seed, batch_size=a.batch_size, name=a.name,
         params=_params(a), sanity=not a.no_sanity, transfer_from=a.transfer_from, defense=a.defense,
-        data=a.data, data_dir=a.data_dir, progress=not a.quiet,
+        data=a.data, data_dir=a.data_dir, progress=not a.quiet, device=a.device,
     )  # fmt: skip
     from hw_dq.results import tabulate
 
@@ -78,7 +78,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
 def cmd_analyse(a: argparse.Namespace) -> int:
     from hw_dq.analyse import analyse_runs
 
-    rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed)
+    rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed, device=a.device)
     print(rep["table"])
     print(f"written to {a.out}")
     return 0
@@ -118,6 +118,7 @@ def register(sub: Any) -> None:
     p.add_argument("--data", help="dataset (default: the run's)")
     p.add_argument("--data-dir")
     p.add_argument("--no-sanity", action="store_true", help="skip the gradient-masking checks")
+    p.add_argument("--device", default="auto", help="auto (the GPU if PyTorch sees one), cpu, cuda, cuda:1 ...")
     g = p.add_argument_group("attack budgets")
     g.add_argument("--pgd-steps", type=int)
     g.add_argument("--pgd-restarts", type=int)
@@ -134,6 +135,7 @@ def register(sub: Any) -> None:
     p.add_argument("--eps", type=float, default=8.0, help="Linf eps in 1/255 (default 8)")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the GPU if PyTorch sees one), cpu, cuda ...")
     p.set_defaults(func=cmd_analyse)
 
     p = sub.add_parser("reproduce", help="the paper's experiment at CPU scale (resumable)")

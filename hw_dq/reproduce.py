@@ -260,13 +260,13 @@ def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twi
     from hw_dq.results import describe, headline, validate
     from hw_dq.sanity import run_checks
 
-    model, _ = rd.load_model(run)
+    model, _ = rd.load_model(run, device="auto")
     from hw_dq.data import load_split
 
     tr = rd.read_json(run / rd.CONFIG)["train"]
     x, y = load_split(tr["data"], "test", tr["data_dir"]).take(s.n_eval, s.seed).tensors()
     evals = wb + extra["evaluations"]
-    src = rd.load_model(twin)[0] if "transfer-pgd" in attacks else None
+    src = rd.load_model(twin, device="auto")[0] if "transfer-pgd" in attacks else None
     san = run_checks(model, x, y, evals, extra["clean_acc"], params=params, cfg=scfg, seed=s.seed, source=src)
     result = {**extra, "name": "robustness", "evaluations": evals, "headline": headline(evals), "sanity": san}
     validate(json.loads(json.dumps(result)))

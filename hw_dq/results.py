@@ -226,9 +226,11 @@ def evaluate_run(
     data: str | None = None,
     data_dir: str | None = None,
     progress: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Attack a run directory's model; writes ``RUN_DIR/attacks/<name>.json`` and ``.md``.
 
+    ``device``: where the model runs (``auto``: the GPU if PyTorch sees one).
     ``defense`` (e.g. ``"bits:4+median:2"``) puts input squeezers in the loop (see
     :mod:`hw_dq.squeeze`); ``transfer_from`` is the source run for ``transfer-pgd``.
     """
@@ -249,14 +251,15 @@ def evaluate_run(
     if batch_size <= 0:
         raise ConfigError(f"invalid --batch-size {batch_size}: must be positive")
     run = Path(run_dir)
-    model, cfg = rd.load_model(run)
-    source = rd.load_model(transfer_from)[0] if transfer_from else None
+    dev = rd.resolve_device(device)
+    model, cfg = rd.load_model(run, device=dev)
+    source = rd.load_model(transfer_from, device=dev)[0] if transfer_from else None
     if "transfer-pgd" in attacks and source is None:
         raise ConfigError("attack transfer-pgd needs --transfer-from RUN_DIR (e.g. the full-precision twin)")
     if defense:
         from hw_dq.squeeze import apply_defense
 
-        model = apply_defense(model, defense)
+        model = apply_defense(model, defense).to(dev)
     tr = cfg.get("train", {})
     ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
     x, y = ds.tensors()

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hw_dq.errors import CheckpointError
+from hw_dq.errors import CheckpointError, ConfigError
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -142,8 +142,19 @@ def truncate_metrics(path: Path, keep_before_epoch: int) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def load_model(run_dir: str | Path, which: str = MODEL) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a run directory and load its weights (eval mode)."""
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: the GPU where PyTorch sees one, else the CPU; any other name is checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); use auto or cpu") from None
+    return device
+
+
+def load_model(run_dir: str | Path, which: str = MODEL, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a run directory and load its weights (eval mode, on ``device``)."""
     from hw_dq.models import ModelConfig, model_from_config
 
     run = Path(run_dir)
@@ -170,4 +181,4 @@ def load_model(run_dir: str | Path, which: str = MODEL) -> tuple[nn.Module, dict
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_state(model, state, path)
     model.eval()
-    return model, cfg
+    return model.to(resolve_device(device)), cfg

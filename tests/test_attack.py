@@ -125,3 +125,8 @@ def test_cli_run_dir_without_checkpoint(tmp_path, capsys):
 def test_cli_transfer_needs_source(run_dir, capsys):
     proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "transfer-pgd", "--n", "8")
     assert_one_line_error(proc, "--transfer-from")
+
+
+def test_cli_unusable_device(run_dir, capsys):
+    proc = cli_in_process(capsys, "attack", str(run_dir), "--n", "8", "--device", "tpu9")
+    assert_one_line_error(proc, "device 'tpu9' is not usable")
