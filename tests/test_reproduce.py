@@ -51,3 +51,24 @@ def test_bad_arguments():
         reproduce("x", scale="huge")
     with pytest.raises(ConfigError, match="unknown run"):
         reproduce("x", scale=MICRO, only="fp,zz")
+
+
+def _result(run: str, robust: float, clean: float = 0.6, sanity: str = "pass", name: str = "robustness") -> dict:
+    return {"run_dir": f"/r/runs/{run}", "name": name, "clean_acc": clean, "n_examples": 1000,
+            "headline": {"robust_acc": robust}, "sanity": {"verdict": sanity}}  # fmt: skip
+
+
+def test_claims_follow_the_numbers_and_name_masked_evidence():
+    from hw_dq.reproduce import claims
+
+    rs = [_result("fp", 0.00), _result("vq-a2", 0.01), _result("dq1-a2", 0.10, sanity="warn"),
+          _result("dq2-a2", 0.30, clean=0.5), _result("vq-a2", 0.0, name="squeeze-bits4"),
+          _result("dq2-a2", 0.2, sanity="warn", name="squeeze-bits4")]  # fmt: skip
+    v = {c["claim"].split(" (")[0]: c for c in claims(rs)}
+    assert v["VQ is less robust than FP at low bits"]["verdict"] == "no measurable difference"
+    assert v["DQ is at least as robust as FP"]["verdict"] == "holds"  # dq2 (the best DQ) is not flagged
+    assert v["larger beta is more robust"]["verdict"] == "holds only on masking-flagged evidence"
+    assert v["DQ improves clean accuracy at low bits"]["verdict"] == "does not hold"
+    assert v["DQ composes with adversarial training"]["verdict"] == "not measured"
+    squeeze = v["DQ composes with feature squeezing"]
+    assert squeeze["verdict"] == "holds only on masking-flagged evidence" and "(masking WARN)" in squeeze["evidence"]
