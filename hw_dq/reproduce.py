@@ -305,17 +305,25 @@ def _tol(n: int, p: float = 0.5) -> float:
     return 2.0 * (max(p * (1 - p), 0.01) / max(1, n)) ** 0.5
 
 
+UNTRAINED_CLEAN = 0.2  # clean accuracy below twice chance (10 classes): the model did not train
+
+
 def claims(results: list[dict[str, Any]]) -> list[dict[str, str]]:
     """A verdict per claim of the paper; ``robust`` = the headline (worst attack at 8/255).
 
     A difference counts only beyond two binomial standard errors; otherwise the verdict is
-    ``no measurable difference``.
+    ``no measurable difference``. A model whose clean accuracy is below twice chance did not
+    train: it is left out of every comparison, and the verdict says so.
     """
     by = {(Path(r["run_dir"]).name, r["name"]): r for r in results}
 
+    def untrained(run: str) -> bool:
+        r = by.get((run, "robustness"))
+        return r is not None and r["clean_acc"] < UNTRAINED_CLEAN
+
     def get(run: str, what: str = "robust", name: str = "robustness") -> float | None:
         r = by.get((run, name))
-        if r is None:
+        if r is None or untrained(run):
             return None
         return r["clean_acc"] if what == "clean" else r["headline"]["robust_acc"]
 
@@ -327,14 +335,18 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, str]]:
         r = by.get((run, name))
         return r is not None and r.get("sanity", {}).get("verdict") == "warn"
 
-    def compare(claim: str, pairs: list[tuple[str, float | None, float | None, bool]]) -> dict[str, str]:
+    def compare(claim: str, pairs: list[tuple[str, float | None, float | None, bool, list[str]]]) -> dict[str, str]:
         """Each pair (label, a, b, masked?) supports the claim when a > b + tol, contradicts when a < b - tol.
 
         ``masked``: a result in the pair has a gradient-masking warning; a claim supported only
         by such pairs is reported as such, since its robust accuracies may be overestimates."""
+        dead = sorted({d for p in pairs for d in p[4]})
+        note = (" Left out, did not train (clean accuracy below twice chance): "
+                + ", ".join(f"{d} ({100 * by[(d, 'robustness')]['clean_acc']:.1f}% clean)" for d in dead) + "."
+                if dead else "")  # fmt: skip
         pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
         if not pairs:
-            return {"claim": claim, "verdict": "not measured", "evidence": "runs missing"}
+            return {"claim": claim, "verdict": "not measured", "evidence": ("runs missing" if not dead else "") + note}
         sup = [p for p in pairs if p[1] > p[2] + tol]
         con = [p for p in pairs if p[1] < p[2] - tol]
         verdict = ("holds" if not con and sup else "does not hold" if con and not sup
@@ -342,16 +354,17 @@ def claims(results: list[dict[str, Any]]) -> list[dict[str, str]]:
         if verdict == "holds" and all(p[3] for p in sup):
             verdict = "holds only on masking-flagged evidence"
         ev = "; ".join(f"{lab}: {100 * a:.1f}% vs {100 * b:.1f}%{' (masking WARN)' if m else ''}"
-                       for lab, a, b, m in pairs)  # fmt: skip
-        return {"claim": claim, "verdict": verdict, "evidence": f"{ev} (tolerance {100 * tol:.1f} points)"}
+                       for lab, a, b, m, _ in pairs)  # fmt: skip
+        return {"claim": claim, "verdict": verdict, "evidence": f"{ev} (tolerance {100 * tol:.1f} points).{note}"}
 
     low = [a for a in abits if a <= 2]
 
     def pair(label: str, a: tuple[str, ...], b: tuple[str, ...], what: str = "robust") -> tuple:
-        """(label, value of run a, value of run b, whether either result is masking-flagged)."""
+        """(label, value of run a, value of run b, whether either is masking-flagged, untrained runs)."""
         ra, rb = (a[0], a[1] if len(a) > 1 else "robustness"), (b[0], b[1] if len(b) > 1 else "robustness")
-        return (label, get(ra[0], what, ra[1]), get(rb[0], what, rb[1]),
-                what == "robust" and (flagged(*ra) or flagged(*rb)))  # fmt: skip
+        masked = what == "robust" and (flagged(*ra) or flagged(*rb))
+        dead = [r for r in (a[0], b[0]) if untrained(r)]
+        return label, get(ra[0], what, ra[1]), get(rb[0], what, rb[1]), masked, dead
 
     def best_dq(a: int) -> str:
         vals = {r: get(r) for r in (f"dq1-a{a}", f"dq2-a{a}")}

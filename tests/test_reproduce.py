@@ -72,3 +72,15 @@ def test_claims_follow_the_numbers_and_name_masked_evidence():
     assert v["DQ composes with adversarial training"]["verdict"] == "not measured"
     squeeze = v["DQ composes with feature squeezing"]
     assert squeeze["verdict"] == "holds only on masking-flagged evidence" and "(masking WARN)" in squeeze["evidence"]
+
+
+def test_claims_leave_out_models_that_did_not_train():
+    from hw_dq.reproduce import claims
+
+    rs = [_result("fp", 0.02, clean=0.65), _result("vq-a1", 0.0, clean=0.11), _result("dq2-a1", 0.0, clean=0.10),
+          _result("dq1-a1", 0.0, clean=0.09), _result("vq-a2", 0.0), _result("dq2-a2", 0.0)]  # fmt: skip
+    v = {c["claim"].split(" (")[0]: c for c in claims(rs)}
+    fp_vq = v["VQ is less robust than FP at low bits"]
+    assert "a1" not in fp_vq["evidence"].split("Left out")[0] and "vq-a1 (11.0% clean)" in fp_vq["evidence"]
+    beta = v["larger beta is more robust"]
+    assert beta["verdict"] == "not measured" and "dq1-a1" in beta["evidence"] and "dq2-a1" in beta["evidence"]
