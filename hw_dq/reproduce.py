@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_dq import rundir as rd
-from hw_dq.errors import ConfigError, DataError
+from hw_dq.errors import ConfigError, DataError, HwDqError
 from hw_dq.train import TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -222,8 +222,13 @@ def reproduce(
             key = {"scale": asdict(s), "hw": True}
             if not _done(path, key):
                 log(f"FINN build for {s.hw_board} and attacks on the simulated accelerator: {name}")
-                step(f"hw/{name}", lambda run=run: _hardware(run, s))
-                _mark(path, key)
+                try:
+                    step(f"hw/{name}", lambda run=run: _hardware(run, s))
+                    _mark(path, key)
+                    _record_hw_failure(out, name, None)
+                except HwDqError as e:  # one run that FINN cannot take must not stop the reproduction
+                    log(f"hardware columns of {name} failed (retried on the next run): {e}")
+                    _record_hw_failure(out, name, str(e))
     amp = out / "amplification.json"
     amp_runs = [out / "runs" / n for n in ("fp", "vq-a1", "dq2-a1", "vq-a2", "dq2-a2") if n in keep]
     key = {"scale": asdict(s), "runs": [str(p) for p in amp_runs]}
@@ -238,6 +243,16 @@ def reproduce(
     summary["wall_s_total"] = sum(timing.values())  # summed over steps (parallel --only processes overlap)
     rd.write_json(out / "summary.json", summary)
     return summary
+
+
+def _record_hw_failure(out: Path, name: str, error: str | None) -> None:
+    path = out / "hw_failures.json"
+    failures = rd.read_json(path) if path.is_file() else {}
+    failures.pop(name, None)
+    if error:
+        failures[name] = error
+    if failures or path.is_file():
+        rd.write_json(path, failures)
 
 
 def _hardware(run: Path, s: Scale) -> None:
@@ -294,6 +309,10 @@ def summarise(out: str | Path) -> dict[str, Any]:
     lines += ["", "A difference counts beyond two binomial standard errors (the tolerance). '(masking WARN)': "
               "a result in the comparison failed a gradient-masking sanity check, so its robust accuracy "
               "may be an overestimate."]  # fmt: skip
+    failures = rd.read_json(out / "hw_failures.json") if (out / "hw_failures.json").is_file() else {}
+    if failures:
+        lines += ["", "## Hardware columns that failed", ""]
+        lines += [f"- `{name}`: {err}" for name, err in sorted(failures.items())]
     if (out / "amplification.md").is_file():
         lines += ["", "## Error amplification", "", (out / "amplification.md").read_text(), "",
                   "![error amplification](amplification.png)"]  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hw_dq.errors import ConfigError
@@ -26,7 +28,7 @@ def test_cpu_plan_covers_the_paper_grid():
 
 
 @pytest.mark.slow  # 1-3 min on 2 shared cores
-def test_micro_reproduction_end_to_end_and_resumes(tmp_path):
+def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     summary = reproduce(out, scale=MICRO, progress=False)
     results = load([out / "runs"])
@@ -44,6 +46,18 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path):
     again = reproduce(out, scale=MICRO, progress=False)  # finished steps are not redone
     assert (out / "runs" / "fp" / "attacks" / "robustness.json").stat().st_mtime_ns == stamp
     assert again["timing_s"] == summary["timing_s"]
+    # a run FINN cannot take is reported and retried later; it does not stop the reproduction
+    import hw_dq.reproduce as rp
+    from hw_dq.errors import HwDqError
+
+    def fail(run, s):
+        raise HwDqError("QONNX does not reproduce the PyTorch model (planted)")
+
+    monkeypatch.setattr(rp, "_hardware", fail)
+    (out / "runs" / "vq-a2" / "attacks" / "robustness-hw.settings").unlink()
+    reproduce(out, scale=MICRO, progress=False)
+    assert "vq-a2" in json.loads((out / "hw_failures.json").read_text())
+    assert "## Hardware columns that failed" in (out / "summary.md").read_text()
 
 
 def test_bad_arguments():
