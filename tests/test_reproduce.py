@@ -98,3 +98,24 @@ def test_claims_leave_out_models_that_did_not_train():
     assert "a1" not in fp_vq["evidence"].split("Left out")[0] and "vq-a1 (11.0% clean)" in fp_vq["evidence"]
     beta = v["larger beta is more robust"]
     assert beta["verdict"] == "not measured" and "dq1-a1" in beta["evidence"] and "dq2-a1" in beta["evidence"]
+
+
+def test_claims_at_the_small_eps_use_the_worst_attack_there():
+    from hw_dq.reproduce import claims
+
+    def ev(run: str, at2: list[float], **kw) -> dict:
+        r = _result(run, 0.0, **kw)
+        pairs = zip(("fgsm", "pgd"), at2, strict=True)
+        r["evaluations"] = [{"attack": a, "eps": 2.0, "robust_acc": v} for a, v in pairs]
+        r["evaluations"].append({"attack": "autoattack", "eps": 8.0, "robust_acc": 0.0})
+        return r
+
+    rs = [ev("fp", [0.35, 0.29]), ev("vq-a2", [0.50, 0.45], sanity="warn"), ev("dq1-a2", [0.5, 0.2]),
+          ev("dq2-a2", [0.6, 0.5])]  # fmt: skip
+    v = [c for c in claims(rs) if "at 2/255" in c["claim"]]
+    assert len(v) == 3
+    by = {c["claim"].split(" (")[0]: c for c in v}
+    assert by["DQ is at least as robust as FP"]["verdict"] == "holds"  # dq2: min(60, 50) = 50 vs fp 29
+    assert "50.0% vs 29.0%" in by["DQ is at least as robust as FP"]["evidence"]
+    assert by["VQ is less robust than FP at low bits"]["verdict"] == "does not hold"  # VQ 45 > FP 29
+    assert by["larger beta is more robust"]["verdict"] == "holds"
