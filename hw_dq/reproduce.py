@@ -173,15 +173,10 @@ def reproduce(
         return {"plan": names}
     timing_path = out / "timing.json"
 
-    def read_timing() -> dict[str, float]:
-        return json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-
     def step(name: str, fn: Any) -> None:
         t0 = time.time()
         fn()
-        timing = read_timing()  # re-read: another process (``--only``) may have added steps meanwhile
-        timing[name] = timing.get(name, 0.0) + time.time() - t0
-        rd.write_json(timing_path, timing)
+        add_timing(timing_path, name, time.time() - t0)
 
     def log(msg: str) -> None:
         if progress:
@@ -239,15 +234,27 @@ def reproduce(
         step("analyse", lambda: analyse_runs(amp_runs, out, "pgd", 8.0, s.n_amplification, s.seed, data_dir))
         _mark(amp, key)
     summary = summarise(out)
-    summary["timing_s"] = timing = read_timing()
+    summary["timing_s"] = timing = _json_or_empty(timing_path)
     summary["wall_s_total"] = sum(timing.values())  # summed over steps (parallel --only processes overlap)
     rd.write_json(out / "summary.json", summary)
     return summary
 
 
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    return rd.read_json(path) if path.is_file() else {}
+
+
+def add_timing(path: Path, name: str, seconds: float) -> None:
+    """Add ``seconds`` to step ``name`` in timing.json, re-read first: parallel ``--only``
+    processes share the file."""
+    timing = _json_or_empty(path)
+    timing[name] = timing.get(name, 0.0) + seconds
+    rd.write_json(path, timing)
+
+
 def _record_hw_failure(out: Path, name: str, error: str | None) -> None:
     path = out / "hw_failures.json"
-    failures = rd.read_json(path) if path.is_file() else {}
+    failures = _json_or_empty(path)
     failures.pop(name, None)
     if error:
         failures[name] = error
@@ -309,7 +316,7 @@ def summarise(out: str | Path) -> dict[str, Any]:
     lines += ["", "A difference counts beyond two binomial standard errors (the tolerance). '(masking WARN)': "
               "a result in the comparison failed a gradient-masking sanity check, so its robust accuracy "
               "may be an overestimate."]  # fmt: skip
-    failures = rd.read_json(out / "hw_failures.json") if (out / "hw_failures.json").is_file() else {}
+    failures = _json_or_empty(out / "hw_failures.json")
     if failures:
         lines += ["", "## Hardware columns that failed", ""]
         lines += [f"- `{name}`: {err}" for name, err in sorted(failures.items())]

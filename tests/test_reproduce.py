@@ -119,3 +119,13 @@ def test_claims_at_the_small_eps_use_the_worst_attack_there():
     assert "50.0% vs 29.0%" in by["DQ is at least as robust as FP"]["evidence"]
     assert by["VQ is less robust than FP at low bits"]["verdict"] == "does not hold"  # VQ 45 > FP 29
     assert by["larger beta is more robust"]["verdict"] == "holds"
+
+
+def test_timing_keeps_steps_written_by_another_process(tmp_path):
+    from hw_dq.reproduce import add_timing
+
+    path = tmp_path / "timing.json"
+    add_timing(path, "train/fp", 10.0)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "attack/vq-a4": 5.0}))  # a parallel --only process
+    add_timing(path, "train/fp", 2.5)
+    assert json.loads(path.read_text()) == {"train/fp": 12.5, "attack/vq-a4": 5.0}
