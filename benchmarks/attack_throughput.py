@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from hw_dq.attack import AttackParams, robust_accuracy
 from hw_dq.data import load_split
-from hw_dq.models import create_model
+from hw_dq.nn.models import create_model
+from hw_dq.robust.attacks import AttackParams, robust_accuracy
 
 OUT = Path(__file__).resolve().parent / "results" / "attack_throughput.json"
 
@@ -56,7 +56,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if Path(a.run_dir, "model.safetensors").is_file():
-        from hw_dq import rundir as rd
+        from hw_dq import run as rd
 
         model, cfg = rd.load_model(a.run_dir)
         desc = f"{a.run_dir}: cnv width {cfg['model']['width']} w{cfg['model']['wbits']}a{cfg['model']['abits']}"

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from hw_dq import build as hb
-from hw_dq import folding
-from hw_dq.boards import Board, get_board
-from hw_dq.export import export_model, sample_images
-from hw_dq.models import create_model
+from hw_dq.fpga import build as hb
+from hw_dq.fpga import folding
+from hw_dq.fpga.boards import Board, get_board
+from hw_dq.fpga.export import export_model, sample_images
+from hw_dq.nn.models import create_model
 
 OUT = Path(__file__).resolve().parent / "results"
 FINN_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "finn-examples-bnn-pynq"
@@ -77,7 +77,7 @@ def finn_examples_estimate(
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
 
-    from hw_dq import finn_compat
+    from hw_dq.fpga import finn_compat
 
     work.mkdir(parents=True, exist_ok=True)
     finn_compat.prepare_finn(work / "tmp")

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def prepare(run: Path, bits: int) -> Path:
     """A trained full-width CNV run and its FINN build (reused when present)."""
-    from hw_dq.build import build_run
-    from hw_dq.train import TrainConfig, train
+    from hw_dq.fpga.build import build_run
+    from hw_dq.train.loop import TrainConfig, train
 
     if not (run / "model.safetensors").is_file():
         cfg = TrainConfig(model="cnv", width=1.0, wbits=bits, abits=bits, epochs=1, train_subset=512,
@@ -53,8 +53,8 @@ def child(kind: str, run: Path, n: int) -> dict:
     import torch
 
     from hw_dq.data import load_split
-    from hw_dq.hwattack import finn_reference, load_simulator, uint8_grid
-    from hw_dq.rundir import load_model
+    from hw_dq.fpga.hwattack import finn_reference, load_simulator, uint8_grid
+    from hw_dq.run import load_model
 
     x, _ = load_split("sample", "test").take(n, seed=0).tensors()
     build = run / "build" / "Pynq-Z1"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "sim_vs_brevitas": by["sim"]["images_per_s"] / by["brevitas"]["images_per_s"],
         "goals": {"sim_vs_finn": ">= 100", "sim_vs_brevitas": ">= 0.5"},
     }
-    names = {"finn": "FINN execute_onnx (node by node)", "sim": "hw_dq.hwsim (batched, bit-exact)",
+    names = {"finn": "FINN execute_onnx (node by node)", "sim": "hw_dq.fpga.sim (batched, bit-exact)",
              "brevitas": "Brevitas eval forward"}  # fmt: skip
     table = md_table(
         ["executor", "images", "s", "images/s", "peak memory above baseline (MB)"],

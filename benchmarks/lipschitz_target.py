@@ -47,10 +47,10 @@ def variants(betas: list[float]) -> dict[str, dict[str, Any]]:
 
 
 def diverged_epoch(out: Path) -> int | None:
-    """First epoch whose training loss is not finite (hw_dq.train.fit keeps going on NaN)."""
+    """First epoch whose training loss is not finite (hw_dq.train.loop.fit keeps going on NaN)."""
     import math
 
-    from hw_dq import rundir as rd
+    from hw_dq import run as rd
 
     for m in rd.read_jsonl(out / rd.METRICS):
         if not math.isfinite(m["loss"]):
@@ -59,8 +59,8 @@ def diverged_epoch(out: Path) -> int | None:
 
 
 def train_variant(name: str, overrides: dict[str, Any], fp_epochs: int, q_epochs: int) -> Path:
-    from hw_dq.config import load_config
-    from hw_dq.train import train
+    from hw_dq.train.config import load_config
+    from hw_dq.train.loop import train
 
     out = RUNS / name
     if diverged_epoch(out) is not None:
@@ -77,8 +77,8 @@ def train_variant(name: str, overrides: dict[str, Any], fp_epochs: int, q_epochs
 
 
 def craft_transfer(fp_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: float) -> np.ndarray:
-    """PGD-10 examples crafted on the FP model: hw_dq.attack.generate('transfer-pgd', source=fp)."""
-    from hw_dq.attack import AttackParams, generate
+    """PGD-10 examples crafted on the FP model: hw_dq.robust.attacks.generate('transfer-pgd', source=fp)."""
+    from hw_dq.robust.attacks import AttackParams, generate
 
     x_adv, _, _ = generate(fp_model, x, y, "transfer-pgd", eps_255, seed=SEED,
                            params=AttackParams(pgd_steps=PGD_STEPS), source=fp_model)  # fmt: skip
@@ -86,7 +86,7 @@ def craft_transfer(fp_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def joint_accuracy(model: torch.nn.Module, x: torch.Tensor, x_adv: np.ndarray, y: torch.Tensor) -> float:
-    """hw_dq.attack's definition: robust = clean input AND adversarial input classified correctly."""
+    """hw_dq.robust.attacks's definition: robust = clean input AND adversarial input classified correctly."""
     model.eval()
     with torch.no_grad():
         clean = model(x).argmax(1) == y
@@ -97,8 +97,8 @@ def joint_accuracy(model: torch.nn.Module, x: torch.Tensor, x_adv: np.ndarray, y
 def evaluate(
     name: str, out: Path, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor
 ) -> dict[str, Any]:
-    from hw_dq import rundir as rd
-    from hw_dq.attack import clean_accuracy, robust_accuracy
+    from hw_dq import run as rd
+    from hw_dq.robust.attacks import clean_accuracy, robust_accuracy
 
     cache = out / "bench_eval.json"
     if cache.is_file():
@@ -217,13 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     xt, yt = test.tensors()
     x, y = test.take(args.n_attack, SEED).tensors()
     outs = {n: train_variant(n, vs[n], args.fp_epochs, args.q_epochs) for n in train_names}
-    from hw_dq import rundir as rd
+    from hw_dq import run as rd
 
     if args.eval_only:
         for n in names:
             evaluate(n, outs[n], x, y, xt, yt)
         return
-    # written by hw_dq.attack.generate("transfer-pgd", source=fp): true labels, seed 0
+    # written by hw_dq.robust.attacks.generate("transfer-pgd", source=fp): true labels, seed 0
     cache = RUNS / f"transfer_fp_pgd{PGD_STEPS}_n{args.n_attack}_v2.npz"
     if cache.is_file():
         with np.load(cache) as z:

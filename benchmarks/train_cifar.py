@@ -41,10 +41,10 @@ def run_dir(name: str) -> Path:
 
 
 def train_one(name: str, overrides: dict[str, Any], data_dir: str) -> None:
-    from hw_dq.attack import clean_accuracy
-    from hw_dq.config import load_config
     from hw_dq.data import load_split
-    from hw_dq.train import fit
+    from hw_dq.robust.attacks import clean_accuracy
+    from hw_dq.train.config import load_config
+    from hw_dq.train.loop import fit
 
     out = run_dir(name)
     cfg = load_config("cnv_cpu", data="cifar10", data_dir=data_dir, checkpoint_every=100, **overrides)

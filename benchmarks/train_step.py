@@ -1,7 +1,7 @@
 """Training-step time and peak memory of the full-width CNV: FP vs VQ vs DQ, w2a2 and w4a4.
 
 One training step = forward, cross-entropy (+ the DQ regulariser), backward, SGD update,
-batch 128 of 3x32x32, the step that ``hw_dq.train.fit`` runs. All configurations are
+batch 128 of 3x32x32, the step that ``hw_dq.train.loop.fit`` runs. All configurations are
 timed side by side in ONE process with interleaved repetitions (so load changes on a
 shared machine hit every configuration alike): warm-up steps, then the median of N steps.
 Peak memory of each configuration comes from a fresh subprocess (ru_maxrss delta around
@@ -50,8 +50,8 @@ class Step:
         import torch
         from torch.nn import functional as F  # noqa: N812
 
-        from hw_dq import lipschitz
-        from hw_dq.models import create_model
+        from hw_dq.nn import lipschitz
+        from hw_dq.nn.models import create_model
 
         bits, beta, target = CONFIGS[name]
         torch.manual_seed(0)
@@ -109,7 +109,7 @@ def child_memory(name: str, steps: int) -> dict[str, Any]:
 
     import torch  # noqa: F401  (imports count in the baseline, not in the delta)
 
-    import hw_dq.models  # noqa: F401
+    import hw_dq.nn.models  # noqa: F401
 
     base = maxrss_mib()
     s = Step(name)
@@ -152,7 +152,7 @@ def regcost(reps: int, bits: int = 2) -> None:
     """
     import statistics as st
 
-    from hw_dq import lipschitz
+    from hw_dq.nn import lipschitz
 
     mach = machine()
     step = Step(f"VQ w{bits}a{bits}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from hw_dq.train import TrainConfig, fit
+from hw_dq.train.loop import TrainConfig, fit
 
 out = Path(sys.argv[1])
 cfg = TrainConfig(

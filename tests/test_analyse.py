@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hw_dq.analyse import amplification, analyse_runs, taps
+from hw_dq.robust.analyse import amplification, analyse_runs, taps
 from tests.test_attack import tiny_run
 
 

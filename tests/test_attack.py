@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from hw_dq import rundir as rd
-from hw_dq.attack import AttackParams, clean_accuracy, generate, robust_accuracy
+from hw_dq import run as rd
 from hw_dq.data import load_split
-from hw_dq.train import TrainConfig, train
+from hw_dq.robust.attacks import AttackParams, clean_accuracy, generate, robust_accuracy
+from hw_dq.train.loop import TrainConfig, train
 from tests.conftest import assert_one_line_error, run_cli
 
 SMALL = AttackParams(apgd_iters=10, apgd_targets=2, square_queries=50, cw_iters=5, cw_search_steps=2)
@@ -80,7 +80,7 @@ def test_eps_zero_is_clean_accuracy_and_seed_is_deterministic(model):
 
 
 def test_cli_attack_writes_validated_results(run_dir):
-    from hw_dq.results import load
+    from hw_dq.robust.results import load
 
     proc = run_cli("attack", str(run_dir), "--attacks", "fgsm,pgd", "--eps", "2,8", "--n", "32", "--name", "t",
                    "--square-queries", "50", "--quiet")  # fmt: skip
@@ -95,7 +95,7 @@ def test_cli_attack_writes_validated_results(run_dir):
 
 def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
     """``hw_dq.cli.main`` in this process (no re-import), as a CompletedProcess for the asserts."""
-    from hw_dq.cli import main
+    from hw_dq.cli.main import main
 
     capsys.readouterr()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hw_dq.boards import REPO_BOARDS, RESOURCES, BoardError, get_board, load_board_file, load_boards
+from hw_dq.fpga.boards import REPO_BOARDS, RESOURCES, BoardError, get_board, load_board_file, load_boards
 from tests.conftest import assert_one_line_error, run_cli
 
 REQUIRED = {"Pynq-Z1", "Pynq-Z2", "Ultra96-V2", "ZCU102", "ZCU104", "KV260", "U50", "U250", "U280"}

@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper
 
 from benchmarks.fpga_fit import lively  # one helper for the benchmark and the test
-from hw_dq.boards import load_board_file
-from hw_dq.quant import QuantSpec
+from hw_dq.fpga.boards import load_board_file
+from hw_dq.nn.quant import QuantSpec
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_export import train_tiny
 
@@ -73,7 +73,7 @@ def test_build_folder_has_its_artifacts(built: tuple[Path, Path]) -> None:
 
 
 def test_target_fps_and_clock_override(built: tuple[Path, Path], tmp_path: Path) -> None:
-    from hw_dq.build import build_run
+    from hw_dq.fpga.build import build_run
 
     run, _ = built
     rep = build_run(run, "Pynq-Z1", target_fps=5000, clock_mhz=200, out=tmp_path / "b")
@@ -114,7 +114,7 @@ class _Unmappable(torch.nn.Module):
 
 def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
     """An op with no FINN hardware layer is a one-line error naming the layer."""
-    from hw_dq.export import export_model, sample_images
+    from hw_dq.fpga.export import export_model, sample_images
 
     torch.manual_seed(0)
     export_model(_Unmappable().eval(), tmp_path, sample_images({}, 2))
@@ -125,10 +125,10 @@ def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bits", [2, pytest.param(4, marks=pytest.mark.slow)])  # ~30 s each here
 def test_small_wrn_builds_with_finn_verification(tmp_path: Path, bits: int) -> None:
     """WRN-10-1: convex-combination residuals (one shared quantizer) map to FINN layers, verified."""
-    from hw_dq.boards import get_board
-    from hw_dq.build import build_model
-    from hw_dq.export import export_model, sample_images
-    from hw_dq.models import create_model
+    from hw_dq.fpga.boards import get_board
+    from hw_dq.fpga.build import build_model
+    from hw_dq.fpga.export import export_model, sample_images
+    from hw_dq.nn.models import create_model
 
     torch.manual_seed(0)
     exp = export_model(lively(create_model("wrn", bits, bits, width=1, depth=10)), tmp_path, sample_images({}, 4))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hw_dq.demo import run_demo
+from hw_dq.experiments.demo import run_demo
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hw_dq.export import ExportError, export_model, export_run, sample_images
-from hw_dq.models import create_model
-from hw_dq.train import TrainConfig, train
+from hw_dq.fpga.export import ExportError, export_model, export_run, sample_images
+from hw_dq.nn.models import create_model
+from hw_dq.train.loop import TrainConfig, train
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -72,7 +72,7 @@ def test_float_model_export_is_one_line_error(tmp_path: Path) -> None:
 def test_rounding_ties_pass_but_systematic_mismatch_fails(tiny_run: Path, monkeypatch, shifted: int, ok: bool) -> None:
     """One image a logit quantum off (an activation on a rounding boundary) is a tie, not a bug;
     a quarter of the images off is an export error."""
-    import hw_dq.export as ex
+    import hw_dq.fpga.export as ex
 
     real = ex.execute
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw_dq.build import build_run
 from hw_dq.data import load_split
-from hw_dq.hwattack import HW_ATTACKS, craft, evaluate_hw, find_build, load_simulator
-from hw_dq.rundir import load_model
-from hw_dq.train import TrainConfig, train
+from hw_dq.fpga.build import build_run
+from hw_dq.fpga.hwattack import HW_ATTACKS, craft, evaluate_hw, find_build, load_simulator
+from hw_dq.run import load_model
+from hw_dq.train.loop import TrainConfig, train
 from tests.conftest import assert_one_line_error, run_cli
 
 EPS = 8.0

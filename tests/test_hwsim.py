@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from hw_dq.build import build_run
 from hw_dq.data import load_split
-from hw_dq.hwattack import (
+from hw_dq.fpga.build import build_run
+from hw_dq.fpga.hwattack import (
     DATAFLOW,
     PARENT,
     craft,
@@ -22,9 +22,9 @@ from hw_dq.hwattack import (
     locate_disagreement,
     uint8_grid,
 )
-from hw_dq.hwsim import HwSimulator, SimulationError
-from hw_dq.rundir import load_model
-from hw_dq.train import TrainConfig, train
+from hw_dq.fpga.sim import HwSimulator, SimulationError
+from hw_dq.run import load_model
+from hw_dq.train.loop import TrainConfig, train
 
 N_EXACT = 200
 

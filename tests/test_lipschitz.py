@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hw_dq import lipschitz
-from hw_dq.models import create_model
+from hw_dq.nn import lipschitz
+from hw_dq.nn.models import create_model
 
 
 def test_regulariser_hand_computed():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hw_dq.errors import ConfigError
-from hw_dq.models import MODELS, create_model
-from hw_dq.quant import parse_bits
+from hw_dq.nn.models import MODELS, create_model
+from hw_dq.nn.quant import parse_bits
 
 MODES = [(None, None), (4, 4), (2, 2), (1, 1), (1, 2)]
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hw_dq.errors import ConfigError
-from hw_dq.reproduce import Scale, plan, reproduce
-from hw_dq.results import load
+from hw_dq.experiments.reproduce import Scale, plan, reproduce
+from hw_dq.robust.results import load
 
 MICRO = Scale(
     data="sample", train_subset=256, width=0.125, fp_epochs=1, q_epochs=1, batch_size=64, abits=[2],
@@ -47,7 +47,7 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert (out / "runs" / "fp" / "attacks" / "robustness.json").stat().st_mtime_ns == stamp
     assert again["timing_s"] == summary["timing_s"]
     # a run FINN cannot take is reported and retried later; it does not stop the reproduction
-    import hw_dq.reproduce as rp
+    import hw_dq.experiments.reproduce as rp
     from hw_dq.errors import HwDqError
 
     def fail(run, s):
@@ -73,7 +73,7 @@ def _result(run: str, robust: float, clean: float = 0.6, sanity: str = "pass", n
 
 
 def test_claims_follow_the_numbers_and_name_masked_evidence():
-    from hw_dq.reproduce import claims
+    from hw_dq.experiments.reproduce import claims
 
     rs = [_result("fp", 0.00), _result("vq-a2", 0.01), _result("dq1-a2", 0.10, sanity="warn"),
           _result("dq2-a2", 0.30, clean=0.5), _result("vq-a2", 0.0, name="squeeze-bits4"),
@@ -89,7 +89,7 @@ def test_claims_follow_the_numbers_and_name_masked_evidence():
 
 
 def test_claims_leave_out_models_that_did_not_train():
-    from hw_dq.reproduce import claims
+    from hw_dq.experiments.reproduce import claims
 
     rs = [_result("fp", 0.02, clean=0.65), _result("vq-a1", 0.0, clean=0.11), _result("dq2-a1", 0.0, clean=0.10),
           _result("dq1-a1", 0.0, clean=0.09), _result("vq-a2", 0.0), _result("dq2-a2", 0.0)]  # fmt: skip
@@ -101,7 +101,7 @@ def test_claims_leave_out_models_that_did_not_train():
 
 
 def test_claims_at_the_small_eps_use_the_worst_attack_there():
-    from hw_dq.reproduce import claims
+    from hw_dq.experiments.reproduce import claims
 
     def ev(run: str, at2: list[float], **kw) -> dict:
         r = _result(run, 0.0, **kw)
@@ -122,7 +122,7 @@ def test_claims_at_the_small_eps_use_the_worst_attack_there():
 
 
 def test_timing_keeps_steps_written_by_another_process(tmp_path):
-    from hw_dq.reproduce import add_timing
+    from hw_dq.experiments.reproduce import add_timing
 
     path = tmp_path / "timing.json"
     add_timing(path, "train/fp", 10.0)

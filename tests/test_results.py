@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hw_dq.results import SCHEMA, SchemaError, headline, load, tabulate, validate
+from hw_dq.robust.results import SCHEMA, SchemaError, headline, load, tabulate, validate
 
 
 def example() -> dict:

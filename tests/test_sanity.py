@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from hw_dq import rundir as rd
-from hw_dq.attack import AttackParams, clean_accuracy, robust_accuracy
-from hw_dq.sanity import SanityConfig, run_checks
+from hw_dq import run as rd
+from hw_dq.robust.attacks import AttackParams, clean_accuracy, robust_accuracy
+from hw_dq.robust.sanity import SanityConfig, run_checks
 from tests.test_attack import test_data, tiny_run
 
 PARAMS = AttackParams(square_queries=300)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hw_dq import rundir as rd
-from hw_dq.attack import robust_accuracy
+from hw_dq import run as rd
 from hw_dq.errors import ConfigError
-from hw_dq.models import create_model
-from hw_dq.squeeze import MedianSmoothing, Squeezed, apply_defense, bit_depth_reference
+from hw_dq.nn.models import create_model
+from hw_dq.robust.attacks import robust_accuracy
+from hw_dq.robust.squeeze import MedianSmoothing, Squeezed, apply_defense, bit_depth_reference
 from tests.test_attack import test_data, tiny_run
 
 

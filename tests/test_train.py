@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hw_dq import rundir as rd
+from hw_dq import run as rd
 from hw_dq.errors import CheckpointError, ConfigError
-from hw_dq.train import TrainConfig, perturb, train
+from hw_dq.train.loop import TrainConfig, perturb, train
 
 from .conftest import ROOT
 
@@ -60,7 +60,7 @@ def test_dq_regulariser_reduces_orthogonality_residual(tmp_path):
 @pytest.mark.parametrize("kind", ["pgd", "fgsm"])
 def test_adversarial_examples_respect_eps_and_box(kind):
     from hw_dq.data import load_split
-    from hw_dq.models import create_model
+    from hw_dq.nn.models import create_model
 
     cfg = TrainConfig(**SMALL, wbits=2, abits=2, adv_train=kind, adv_eps=8, adv_steps=3)
     model = create_model("tiny", 2, 2)

@@ -23,7 +23,7 @@ def _names(text: str) -> list[str]:
 
 
 def _params(a: argparse.Namespace) -> Any:
-    from hw_dq.attack import AttackParams
+    from hw_dq.robust.attacks import AttackParams
 
     keys = ("pgd_steps", "pgd_restarts", "apgd_iters", "apgd_targets", "square_queries")
     return AttackParams(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
@@ -31,8 +31,8 @@ def _params(a: argparse.Namespace) -> Any:
 
 def cmd_attack_hw(a: argparse.Namespace) -> int:
     """``attack --on hw``: the threat models of a deployed accelerator, on its bit-exact simulation."""
-    from hw_dq.hwattack import evaluate_hw
-    from hw_dq.results import tabulate
+    from hw_dq.fpga.hwattack import evaluate_hw
+    from hw_dq.robust.results import tabulate
 
     name = a.name if a.name != "robustness" else "robustness-hw"
     r = evaluate_hw(
@@ -51,8 +51,8 @@ def cmd_attack_hw(a: argparse.Namespace) -> int:
 
 
 def cmd_attack(a: argparse.Namespace) -> int:
-    from hw_dq.attack import ATTACKS
-    from hw_dq.results import evaluate_run
+    from hw_dq.robust.attacks import ATTACKS
+    from hw_dq.robust.results import evaluate_run
 
     if a.on == "hw":
         return cmd_attack_hw(a)
@@ -68,7 +68,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
         params=_params(a), sanity=not a.no_sanity, transfer_from=a.transfer_from, defense=a.defense,
         data=a.data, data_dir=a.data_dir, progress=not a.quiet, device=a.device,
     )  # fmt: skip
-    from hw_dq.results import tabulate
+    from hw_dq.robust.results import tabulate
 
     print(tabulate([r]))
     print(f"sanity: {r['sanity']['verdict']}; written to {a.run_dir}/attacks/{a.name}.json")
@@ -76,7 +76,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
 
 
 def cmd_analyse(a: argparse.Namespace) -> int:
-    from hw_dq.analyse import analyse_runs
+    from hw_dq.robust.analyse import analyse_runs
 
     rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed, device=a.device)
     print(rep["table"])
@@ -85,14 +85,14 @@ def cmd_analyse(a: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from hw_dq.reproduce import reproduce
+    from hw_dq.experiments.reproduce import reproduce
 
     reproduce(a.out, scale=a.scale, data_dir=a.data_dir, only=a.only, dry_run=a.dry_run, progress=not a.quiet)
     return 0
 
 
 def cmd_results(a: argparse.Namespace) -> int:
-    from hw_dq.results import load, tabulate
+    from hw_dq.robust.results import load, tabulate
 
     print(tabulate(load(a.paths)))
     return 0

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hw_dq import rundir as rd
+from hw_dq import run as rd
 from hw_dq.errors import ConfigError, DataError, HwDqError
-from hw_dq.train import TrainConfig
+from hw_dq.train.loop import TrainConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass
@@ -154,10 +154,10 @@ def reproduce(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or continue) the reproduction into ``out``; returns the summary."""
-    from hw_dq.attack import AttackParams
-    from hw_dq.results import evaluate_run
-    from hw_dq.sanity import SanityConfig
-    from hw_dq.train import train
+    from hw_dq.robust.attacks import AttackParams
+    from hw_dq.robust.results import evaluate_run
+    from hw_dq.robust.sanity import SanityConfig
+    from hw_dq.train.loop import train
 
     s = load_scale(scale)
     data_dir = _resolve_data_dir(s, data_dir)
@@ -228,7 +228,7 @@ def reproduce(
     amp_runs = [out / "runs" / n for n in ("fp", "vq-a1", "dq2-a1", "vq-a2", "dq2-a2") if n in keep]
     key = {"scale": asdict(s), "runs": [str(p) for p in amp_runs]}
     if amp_runs and not _done(amp, key):
-        from hw_dq.analyse import analyse_runs
+        from hw_dq.robust.analyse import analyse_runs
 
         log("error amplification")
         step("analyse", lambda: analyse_runs(amp_runs, out, "pgd", 8.0, s.n_amplification, s.seed, data_dir))
@@ -264,8 +264,8 @@ def _record_hw_failure(out: Path, name: str, error: str | None) -> None:
 
 def _hardware(run: Path, s: Scale) -> None:
     """Hardware-semantics columns: build the run for the board, attack its bit-exact simulation."""
-    from hw_dq.build import build_run
-    from hw_dq.hwattack import evaluate_hw
+    from hw_dq.fpga.build import build_run
+    from hw_dq.fpga.hwattack import evaluate_hw
 
     if not (run / "build" / str(s.hw_board) / "dataflow_model.onnx").is_file():
         build_run(run, str(s.hw_board), target_fps=s.hw_target_fps)
@@ -279,8 +279,8 @@ def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twi
     extra = evaluate_run(run, attacks[2:], [8.0], n=s.n_eval, seed=s.seed, params=params, sanity_cfg=scfg,
                          transfer_from=twin if "transfer-pgd" in attacks else None, name="_aa")  # fmt: skip
     # one file with every evaluation; the sanity checks see all of them
-    from hw_dq.results import describe, headline, validate
-    from hw_dq.sanity import run_checks
+    from hw_dq.robust.results import describe, headline, validate
+    from hw_dq.robust.sanity import run_checks
 
     model, _ = rd.load_model(run, device="auto")
     from hw_dq.data import load_split
@@ -301,7 +301,7 @@ def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twi
 
 def summarise(out: str | Path) -> dict[str, Any]:
     """The results table and the claim verdicts; writes summary.md."""
-    from hw_dq.results import load, tabulate
+    from hw_dq.robust.results import load, tabulate
 
     out = Path(out)
     results = load(sorted((out / "runs").glob("*/attacks/*.json")))

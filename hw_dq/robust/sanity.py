@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hw_dq.attack import SINGLE_STEP, AttackParams, robust_accuracy
+from hw_dq.robust.attacks import SINGLE_STEP, AttackParams, robust_accuracy
 
 GRADIENT_ATTACKS = ("pgd", "apgd-ce", "apgd-t")
 

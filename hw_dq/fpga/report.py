@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hw_dq import rundir as rd
-from hw_dq.boards import Board
+from hw_dq import run as rd
+from hw_dq.fpga.boards import Board
 
 ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")  # FINN's analytical estimate has no FF figure
 
@@ -93,7 +93,7 @@ def _run_bitstream(out: Path, cont: dict[str, Any]) -> dict[str, Any]:
     from finn.builder.build_dataflow import build_dataflow_cfg
     from finn.builder.build_dataflow_config import DataflowBuildConfig
 
-    from hw_dq.build import BuildError
+    from hw_dq.fpga.build import BuildError
 
     here = os.getcwd()
     try:

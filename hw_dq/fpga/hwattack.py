@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hw_dq.errors import HwDqError
-from hw_dq.hwsim import HwSimulator, SimulationError
+from hw_dq.fpga.sim import HwSimulator, SimulationError
 
 HW_ATTACKS = ("transfer-pgd", "transfer-autoattack", "square", "hsj")
 PARENT, DATAFLOW = "dataflow_parent.onnx", "dataflow_model.onnx"
@@ -67,7 +67,7 @@ def _reference_partition(build: Path, parent) -> str | None:
 
 def finn_reference(build: Path, x_uint8: np.ndarray) -> np.ndarray:
     """FINN's own node-by-node python execution of the build's graph (one image at a time)."""
-    from hw_dq import finn_compat
+    from hw_dq.fpga import finn_compat
 
     finn_compat.prepare_finn()
     from finn.core.onnx_exec import execute_onnx
@@ -254,7 +254,7 @@ def craft(
     """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model."""
     from art.attacks.evasion import HopSkipJump, SquareAttack
 
-    from hw_dq.attack import AttackParams, art_classifier, autoattack, make_attack
+    from hw_dq.robust.attacks import AttackParams, art_classifier, autoattack, make_attack
 
     eps = eps_255 / 255.0
     np.random.seed(seed)
@@ -270,7 +270,7 @@ def craft(
         clf = art_classifier(model, shape)
         ap = AttackParams(apgd_iters=max(steps, 10), apgd_targets=3, square_queries=queries)
         adv, sub, breakdown = autoattack(clf, x, y, eps, 128, ap)
-        params = {"source": "PyTorch model", "suite": "APGD-CE -> APGD-T -> Square (hw_dq.attack.autoattack)",
+        params = {"source": "PyTorch model", "suite": "APGD-CE -> APGD-T -> Square (hw_dq.robust.attacks.autoattack)",
                   "components": sub, "breakdown_on_pytorch": breakdown}  # fmt: skip
     elif attack == "square":
         bb = _blackbox(sim, False, shape)
@@ -307,7 +307,7 @@ def attack_hw(
     adv, params = craft(attack, model, sim, x, y, eps_255, seed, steps, queries)
     linf = np.abs(adv - x).reshape(len(x), -1).max(1) * 255.0
     hw, sw = hw_labels(sim, adv), sw_labels(model, adv)
-    # robust = right on the clean image and on its adversarial one (as hw_dq.attack counts it)
+    # robust = right on the clean image and on its adversarial one (as hw_dq.robust.attacks counts it)
     hw_clean, sw_clean = hw_labels(sim, x) == y, sw_labels(model, x) == y
     if attack == "hsj":  # minimal-perturbation attack: an example beyond eps does not count
         within = linf <= eps_255 + 1e-6
@@ -345,7 +345,7 @@ def agreement(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray) 
 
 def run_dir_build(run_dir: str | Path, board: str | None = None) -> tuple[nn.Module, Path]:
     """The PyTorch model of a run directory and its FINN build folder."""
-    from hw_dq.rundir import load_model
+    from hw_dq.run import load_model
 
     model, _ = load_model(run_dir)
     return model, find_build(run_dir, board)
@@ -371,15 +371,15 @@ def evaluate_hw(
 ) -> dict[str, Any]:
     """Attack the simulated accelerator of a run's FINN build; writes ``RUN_DIR/attacks/<name>.json``.
 
-    Same schema as the software results (:mod:`hw_dq.results`), with ``target = "hw"``, the
+    Same schema as the software results (:mod:`hw_dq.robust.results`), with ``target = "hw"``, the
     build folder, the software/hardware agreement on clean inputs, and per evaluation the
     PyTorch model's accuracy on the same inputs and where the two first disagree.
     """
     import hw_dq
-    from hw_dq import results as res
-    from hw_dq import rundir as rd
+    from hw_dq import run as rd
     from hw_dq.data import load_split
     from hw_dq.errors import ConfigError
+    from hw_dq.robust import results as res
 
     bad = [a for a in attacks if a not in HW_ATTACKS]
     if bad:
@@ -421,7 +421,7 @@ def evaluate_hw(
         "clean_acc": agree["clean_acc_hw"], "evaluations": evals, "headline": res.headline(evals),
         "sanity": {"verdict": "incomplete", "checks": [{"name": "gradient masking", "status": "skip",
                    "evidence": "see the software results; the accelerator has no gradients"}]},
-        "target": "hw", "build_dir": str(build), "simulator": "hw_dq.hwsim (checked bit-exact against FINN)",
+        "target": "hw", "build_dir": str(build), "simulator": "hw_dq.fpga.sim (checked bit-exact against FINN)",
         "agreement": {k: v for k, v in agree.items() if k != "first_diff"},
         "first_diff_clean": agree["first_diff"],
     }  # fmt: skip

@@ -7,7 +7,7 @@ it is the Linf radius (RobustBench's 8/255 is ``eps=8``); for the L2 attacks (``
 The model sees the whole pipeline (its 8-bit input quantizer included); gradients through
 Brevitas' quantizers are straight-through estimates, which is exactly why quantized models
 need black-box (``square``) and transfer (``transfer-pgd``) checks before a robustness
-number is trusted (see :mod:`hw_dq.sanity`).
+number is trusted (see :mod:`hw_dq.robust.sanity`).
 
 Robust accuracy counts an example as robust only when the clean input *and* the
 adversarial one are classified correctly (the clean input lies inside every eps-ball).

@@ -232,14 +232,14 @@ def evaluate_run(
 
     ``device``: where the model runs (``auto``: the GPU if PyTorch sees one).
     ``defense`` (e.g. ``"bits:4+median:2"``) puts input squeezers in the loop (see
-    :mod:`hw_dq.squeeze`); ``transfer_from`` is the source run for ``transfer-pgd``.
+    :mod:`hw_dq.robust.squeeze`); ``transfer_from`` is the source run for ``transfer-pgd``.
     """
     import hw_dq
-    from hw_dq import rundir as rd
-    from hw_dq.attack import ATTACKS, AttackParams, check_attack, clean_accuracy, robust_accuracy
+    from hw_dq import run as rd
     from hw_dq.data import load_split
     from hw_dq.errors import ConfigError
-    from hw_dq.sanity import run_checks
+    from hw_dq.robust.attacks import ATTACKS, AttackParams, check_attack, clean_accuracy, robust_accuracy
+    from hw_dq.robust.sanity import run_checks
 
     for a in attacks:
         for e in eps:
@@ -257,7 +257,7 @@ def evaluate_run(
     if "transfer-pgd" in attacks and source is None:
         raise ConfigError("attack transfer-pgd needs --transfer-from RUN_DIR (e.g. the full-precision twin)")
     if defense:
-        from hw_dq.squeeze import apply_defense
+        from hw_dq.robust.squeeze import apply_defense
 
         model = apply_defense(model, defense).to(dev)
     tr = cfg.get("train", {})

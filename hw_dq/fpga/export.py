@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from hw_dq import rundir as rd
+from hw_dq import run as rd
 from hw_dq.errors import HwDqError
 
 EXPORT_DIR = "export"

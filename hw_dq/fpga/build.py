@@ -17,8 +17,8 @@ build folder::
 Folding: ``target_fps``, or ``fit``: the highest throughput whose FINN resource estimate stays
 within FINN's recommended utilisation of the board, searched over FINN's SetFolding targets,
 with weight/window memories moved from BRAM to LUTRAM (and multipliers to DSPs) where the
-estimate is over a limit (:mod:`hw_dq.folding`). The report and build folder are written by
-:mod:`hw_dq.build_report`.
+estimate is over a limit (:mod:`hw_dq.fpga.folding`). The report and build folder are written by
+:mod:`hw_dq.fpga.report`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from hw_dq import finn_compat, folding
-from hw_dq.boards import Board, get_board
-from hw_dq.build_report import ESTIMATED, finish_build
 from hw_dq.errors import HwDqError
+from hw_dq.fpga import finn_compat, folding
+from hw_dq.fpga.boards import Board, get_board
+from hw_dq.fpga.report import ESTIMATED, finish_build
 
 QUANT_OPS = ("Quant", "BipolarQuant", "BinaryQuant", "Trunc", "MultiThreshold")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -348,7 +348,7 @@ def _verification_vectors(
         vin, vout = np.load(vin_path)[:n], np.load(vout_path)[:n]
     else:
         from hw_dq.data import load_split
-        from hw_dq.export import execute, to_uint8
+        from hw_dq.fpga.export import execute, to_uint8
 
         shape = model.get_tensor_shape(model.graph.input[0].name)
         x, _ = load_split("sample", "test").take(n).tensors()
@@ -373,7 +373,7 @@ def build_run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Build a run directory (exporting it first if needed) or a bare QONNX file for ``board``."""
-    from hw_dq.export import EXPORT_DIR, QONNX_FILE, export_run
+    from hw_dq.fpga.export import EXPORT_DIR, QONNX_FILE, export_run
 
     b = get_board(board, boards_dir)
     src = Path(run_dir)
@@ -396,7 +396,7 @@ def build_run(
 
 def demo_summary(run_dir: str | Path, board: str = "Pynq-Z1") -> dict[str, Any]:
     """Export + ``--fit`` build for the demo; returns the report with a one-paragraph ``text``."""
-    from hw_dq.export import export_run
+    from hw_dq.fpga.export import export_run
 
     exp = export_run(run_dir)
     rep = build_run(run_dir, board, fit=True)

@@ -9,7 +9,7 @@ from hw_dq.errors import HwDqError
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from hw_dq.export import export_run
+    from hw_dq.fpga.export import export_run
 
     r = export_run(a.run_dir, head=a.head, qcdq=a.qcdq, n=a.n)
     eq = r.equivalence
@@ -23,7 +23,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from hw_dq.build import build_run
+    from hw_dq.fpga.build import build_run
 
     if a.target_fps is not None and a.fit:
         raise HwDqError("use either --target-fps or --fit, not both")
@@ -45,7 +45,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_boards(a: argparse.Namespace) -> int:
-    from hw_dq.boards import boards_table, load_boards
+    from hw_dq.fpga.boards import boards_table, load_boards
 
     print(boards_table(load_boards(a.boards_dir)))
     return 0

@@ -9,7 +9,7 @@
 * ``tiny`` - two convolutions and one classifier, for fast tests.
 
 Every conv/linear is directly followed by its BatchNorm (or nothing), which is what
-:mod:`hw_dq.lipschitz` relies on to fold BatchNorm into the layer's operator.
+:mod:`hw_dq.nn.lipschitz` relies on to fold BatchNorm into the layer's operator.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hw_dq.errors import ConfigError
-from hw_dq.quant import QuantSpec
+from hw_dq.nn.quant import QuantSpec
 
 MODELS = ("cnv", "wrn", "tiny")
 
@@ -93,7 +93,7 @@ def residual_quant(spec: QuantSpec) -> nn.Module:
         return nn.Identity()
     import brevitas.nn as qnn
 
-    from hw_dq.quant import ACT_MAX, FixedRangeActQuant
+    from hw_dq.nn.quant import ACT_MAX, FixedRangeActQuant
 
     return qnn.QuantIdentity(
         act_quant=FixedRangeActQuant, bit_width=RESIDUAL_BITS, min_val=-ACT_MAX, max_val=ACT_MAX,

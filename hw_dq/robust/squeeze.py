@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from hw_dq.errors import ConfigError
-from hw_dq.quant import FixedRangeActQuant
+from hw_dq.nn.quant import FixedRangeActQuant
 
 SQUEEZERS = ("bits", "median")
 

@@ -12,9 +12,9 @@ import math
 from functools import partial
 from typing import Any
 
-from hw_dq import finn_compat
-from hw_dq.boards import Board
-from hw_dq.build_report import ESTIMATED
+from hw_dq.fpga import finn_compat
+from hw_dq.fpga.boards import Board
+from hw_dq.fpga.report import ESTIMATED
 
 
 def estimate(model: Any, part: str, clk_ns: float) -> dict[str, Any]:

@@ -5,7 +5,7 @@ For clean/adversarial pairs (x, x') and each layer l, the relative distance
 ``f_l(x)`` is not all zero (the count of those skipped is reported). ``f_l`` is the
 output of the l-th activation (conv/linear + BatchNorm + quantized ReLU6), and the last
 layer is the logits. The BN-folded operator norm of the conv/linear layer feeding each
-activation (from :mod:`hw_dq.lipschitz`) is shown beside it.
+activation (from :mod:`hw_dq.nn.lipschitz`) is shown beside it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def analyse_model(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", eps: float = 8.0, seed: int = 0
 ) -> dict[str, Any]:
     """White-box adversarial examples on ``model`` and its amplification rows."""
-    from hw_dq.attack import generate
+    from hw_dq.robust.attacks import generate
 
     x_adv, _, _ = generate(model, x, y, attack, eps, seed=seed)
     return {"rows": amplification(model, x, torch.from_numpy(x_adv))}
@@ -105,11 +105,11 @@ def analyse_runs(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Amplification of several runs side by side; writes amplification.json/.md/.png to ``out``."""
-    from hw_dq import lipschitz
-    from hw_dq import rundir as rd
-    from hw_dq.attack import check_attack
+    from hw_dq import run as rd
     from hw_dq.data import load_split
     from hw_dq.errors import ConfigError
+    from hw_dq.nn import lipschitz
+    from hw_dq.robust.attacks import check_attack
 
     check_attack(attack, eps)
     if n <= 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_dq.errors import ConfigError
-from hw_dq.train import TrainConfig
+from hw_dq.train.loop import TrainConfig
 
 
 def shipped_configs() -> dict[str, str]:

@@ -17,7 +17,7 @@ from hw_dq.errors import HwDqError
 EXIT_USAGE = 2
 # Each later pipeline stage adds its verbs in its own module: register(subparsers) adds
 # sub-parsers whose ``func(args) -> int`` raises HwDqError for user errors.
-VERB_MODULES: tuple[str, ...] = ("hw_dq.cli_fpga", "hw_dq.cli_eval")
+VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _bits(text: str) -> int | str:
     """Validate a bit width; 'float' stays a string so it differs from 'not given'."""
-    from hw_dq.quant import parse_bits
+    from hw_dq.nn.quant import parse_bits
 
     try:
         bits = parse_bits(text)
@@ -40,9 +40,9 @@ def _bits(text: str) -> int | str:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from hw_dq.data import DATASETS
-    from hw_dq.lipschitz import TARGETS
-    from hw_dq.models import MODELS
-    from hw_dq.train import ADV_TRAIN, SCHEDULES
+    from hw_dq.nn.lipschitz import TARGETS
+    from hw_dq.nn.models import MODELS
+    from hw_dq.train.loop import ADV_TRAIN, SCHEDULES
 
     p.add_argument("--config", help="JSON config file or shipped config name (see 'hw-dq configs'); flags override it")
     p.add_argument(
@@ -90,8 +90,8 @@ TRAIN_KEYS = (
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from hw_dq.config import load_config
-    from hw_dq.train import train
+    from hw_dq.train.config import load_config
+    from hw_dq.train.loop import train
 
     overrides = {k: getattr(a, k) for k in TRAIN_KEYS}
     cfg = load_config(a.config, **overrides)
@@ -102,15 +102,15 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from hw_dq.demo import run_demo
+    from hw_dq.experiments.demo import run_demo
 
     run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet, fpga=not a.no_fpga)
     return 0
 
 
 def cmd_lipschitz(a: argparse.Namespace) -> int:
-    from hw_dq import lipschitz
-    from hw_dq.rundir import load_model
+    from hw_dq.nn import lipschitz
+    from hw_dq.run import load_model
 
     model, _ = load_model(a.run_dir)
     print(lipschitz.table(lipschitz.report(model)))
@@ -118,7 +118,7 @@ def cmd_lipschitz(a: argparse.Namespace) -> int:
 
 
 def cmd_configs(_a: argparse.Namespace) -> int:
-    from hw_dq.config import shipped_configs
+    from hw_dq.train.config import shipped_configs
 
     for name, about in shipped_configs().items():
         print(f"{name:18s} {about}")

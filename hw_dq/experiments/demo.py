@@ -1,7 +1,7 @@
 """``hw-dq demo``: VQ vs DQ on the embedded CIFAR-10 sample, in a few minutes on a CPU.
 
 Trains the same small CNV twice (beta = 0 and beta > 0), then measures clean accuracy,
-white-box FGSM and PGD-10 (ART), the gradient-masking sanity checks (:mod:`hw_dq.sanity`:
+white-box FGSM and PGD-10 (ART), the gradient-masking sanity checks (:mod:`hw_dq.robust.sanity`:
 pass/warn per model, with the evidence in summary.json) and the Lipschitz diagnostic, and
 prints them side by side. Then the FPGA flow: each model is exported to QONNX, built by
 FINN for a Pynq-Z1 (``--fit``: the fastest folding within FINN's utilisation limits), and
@@ -16,13 +16,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from hw_dq import rundir as rd
-from hw_dq.attack import clean_accuracy, robust_accuracy
-from hw_dq.config import load_config
+from hw_dq import run as rd
 from hw_dq.data import load_split
 from hw_dq.errors import ConfigError
-from hw_dq.sanity import SanityConfig, run_checks
-from hw_dq.train import TrainConfig, train
+from hw_dq.robust.attacks import clean_accuracy, robust_accuracy
+from hw_dq.robust.sanity import SanityConfig, run_checks
+from hw_dq.train.config import load_config
+from hw_dq.train.loop import TrainConfig, train
 
 DEMO_BETA = 1e-3  # 3e-3 diverged once in 8 epochs at lr 0.05 (the penalty's gradient is cubic in W)
 DEMO_EPS = (2.0, 4.0, 8.0)
@@ -35,8 +35,8 @@ HW_EPS = 8.0
 
 def _fpga_columns(run: Path, x: Any, y: Any, n_hw: int, seed: int) -> dict[str, Any]:
     """Export + FINN build for the demo board, then attacks on the simulated accelerator."""
-    from hw_dq.build import demo_summary
-    from hw_dq.hwattack import agreement, attack_hw, find_build, load_simulator
+    from hw_dq.fpga.build import demo_summary
+    from hw_dq.fpga.hwattack import agreement, attack_hw, find_build, load_simulator
 
     rep = demo_summary(run, DEMO_BOARD)
     model, _ = rd.load_model(run)

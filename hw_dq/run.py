@@ -155,12 +155,12 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_model(run_dir: str | Path, which: str = MODEL, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a run directory and load its weights (eval mode, on ``device``)."""
-    from hw_dq.models import ModelConfig, model_from_config
+    from hw_dq.nn.models import ModelConfig, model_from_config
 
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run directory {run} does not exist")
-    from hw_dq.quant import QUANT_SCHEME
+    from hw_dq.nn.quant import QUANT_SCHEME
 
     cfg = read_json(run / CONFIG)
     scheme = cfg.get("quant_scheme", QUANT_SCHEME)  # runs before the stamp used scheme 1

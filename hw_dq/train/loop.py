@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from hw_dq import lipschitz
-from hw_dq import rundir as rd
+from hw_dq import run as rd
 from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator
 from hw_dq.errors import CheckpointError, ConfigError
-from hw_dq.models import MODELS, ModelConfig, model_from_config
-from hw_dq.quant import parse_bits
+from hw_dq.nn import lipschitz
+from hw_dq.nn.models import MODELS, ModelConfig, model_from_config
+from hw_dq.nn.quant import parse_bits
 
 SCHEDULES = ("cosine", "step")
 ADV_TRAIN = ("none", "pgd", "fgsm")
@@ -256,7 +256,7 @@ def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
 def run_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
     import hw_dq
-    from hw_dq.quant import QUANT_SCHEME
+    from hw_dq.nn.quant import QUANT_SCHEME
 
     return {
         "hw_dq_version": hw_dq.__version__,

@@ -26,7 +26,7 @@ SHELL_FLOWS = ("vivado_zynq", "vitis_alveo")
 # FINN's recommended utilisation limits for timing closure (finn.util.platforms.DEFAULT_RES_LIMITS).
 UTIL_LIMITS = {"LUT": 0.70, "FF": 0.50, "BRAM_18K": 0.80, "URAM": 0.80, "DSP": 0.80}
 ENV_VAR = "HW_DQ_BOARDS_DIR"
-REPO_BOARDS = Path(__file__).resolve().parents[1] / "boards"
+REPO_BOARDS = Path(__file__).resolve().parents[2] / "boards"
 
 
 class BoardError(HwDqError):

@@ -162,7 +162,7 @@ class HwSimulator:
             maker = getattr(self, f"_op_{op}", None)
             if maker is None:
                 raise SimulationError(
-                    f"node {node.name} ({node.op_type}) has no bit-exact simulation in hw_dq.hwsim; "
+                    f"node {node.name} ({node.op_type}) has no bit-exact simulation in hw_dq.fpga.sim; "
                     "supported: " + ", ".join(sorted(m[4:] for m in dir(self) if m.startswith("_op_")))
                 )
             fn = maker(model, node, _attrs(node))

@@ -1,0 +1,1 @@
+"""Orchestrators that compose the stage functions: the demo and the reproduction."""

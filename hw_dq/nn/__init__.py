@@ -1,0 +1,1 @@
+"""Neural-network layers: Brevitas quantizers, the model zoo, Lipschitz diagnostics and regularisers."""

@@ -1,0 +1,1 @@
+"""Robustness stage: attacks, the evaluation record, gradient-masking checks, squeezing, analysis."""
