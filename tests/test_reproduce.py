@@ -18,13 +18,49 @@ MICRO = Scale(
 
 
 def test_cpu_plan_covers_the_paper_grid():
-    names = [n for n, _ in plan(Scale(), None)]
+    p = plan(Scale(), None)
+    names = p.names
     assert names[0] == "fp" and "fp-at" in names
     for a in (1, 2, 4):
         assert {f"vq-a{a}", f"dq1-a{a}", f"dq2-a{a}"} <= set(names)
     assert {"vq-a2-at", "dq2-a2-at"} <= set(names)
-    cfgs = dict(plan(Scale(), None))
-    assert cfgs["dq2-a1"].wbits == 2 and cfgs["dq2-a4"].wbits == 4 and cfgs["dq2-a1"].init_from == "fp"
+    dq = p.get("dq2-a1")
+    assert dq.train.wbits == 2 and p.get("dq2-a4").train.wbits == 4 and dq.init_from == "fp"
+    # the typed fields say what a run is; nothing parses the name
+    assert (dq.mode, dq.wbits, dq.abits, dq.beta, dq.beta_rank, dq.adv_train) == ("DQ", 2, 1, 3e-4, 2, "none")
+    assert p.get("dq2-a2-at").adv_train == "fgsm" and p.get("dq2-a2-at").twin == "fp-at"
+    assert {r.name for r in p if r.squeeze} == {"fp", "vq-a2", "dq2-a2"}
+    assert [r.name for r in p if r.amplification] == ["fp", "vq-a1", "dq2-a1", "vq-a2", "dq2-a2"]
+    assert {r.name for r in p if r.hardware} == {n for n in names if not n.startswith("fp") and "-at" not in n}
+
+
+def test_plan_follows_the_scale_betas_and_bits():
+    """Three betas and bit widths 3/5: the claims compare the scale's own runs, not dq1/dq2/a2."""
+    from hw_dq.experiments.reproduce import claims
+
+    s = Scale(abits=[2, 3], wbits={"2": 2, "3": 3}, betas=[1e-4, 3e-4, 1e-3], adv_abits=[3], adv_train=True)
+    p = plan(s)
+    assert {"dq3-a2", "dq3-a3", "dq3-a3-at"} <= set(p.names) and "dq1-a3-at" not in p.names
+    assert {r.name for r in p if r.squeeze} == {"fp", "vq-a3", "dq3-a3"}
+    rs = [_result("fp", 0.1), _result("dq1-a2", 0.1), _result("dq3-a2", 0.5), _result("dq1-a3", 0.1),
+          _result("dq3-a3", 0.5), _result("vq-a3", 0.1), _result("dq3-a3-at", 0.6),
+          _result("vq-a3-at", 0.2)]  # fmt: skip
+    v = {c["claim"].split(" (")[0]: c for c in claims(rs, s)}
+    assert (
+        v["larger beta is more robust"]["verdict"] == "holds"
+        and "a3: 50.0% vs 10.0%" in (v["larger beta is more robust"]["evidence"])
+    )
+    assert v["DQ composes with adversarial training"]["verdict"] == "holds"
+    assert "DQ+AT vs VQ+AT a3: 60.0% vs 20.0%" in v["DQ composes with adversarial training"]["evidence"]
+
+
+def test_dry_run_needs_no_data_and_names_fp(tmp_path, capsys):
+    s = Scale(data="cifar10")  # the real dataset, which a dry run must not look for
+    out = reproduce(tmp_path / "nowhere", scale=s, data_dir=str(tmp_path / "no-data"), dry_run=True)
+    text = capsys.readouterr().out
+    assert out["plan"][0] == "fp" and "None" not in text
+    assert text.splitlines()[0].split()[:3] == ["fp", "FP", "fp"] and " w2a1 " in text
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.slow  # 1-3 min on 2 shared cores
@@ -47,7 +83,7 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert (out / "runs" / "fp" / "attacks" / "robustness.json").stat().st_mtime_ns == stamp
     assert again["timing_s"] == summary["timing_s"]
     # a run FINN cannot take is reported and retried later; it does not stop the reproduction
-    import hw_dq.experiments.reproduce as rp
+    import hw_dq.experiments.reproduce.runner as rp
     from hw_dq.errors import HwDqError
 
     def fail(run, s):
