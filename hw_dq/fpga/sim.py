@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,10 @@ class Step:
     outputs: list[str]
     fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
     shapes: list[tuple[int, ...] | None] | None = None  # declared output shapes (batch 1)
+    # the ONNX node(s) this step computes (ConvolutionInputGenerator + MVAU when fused) and the
+    # graph they belong to, so another semantics (hw_dq.fpga.certify's intervals) can re-read them
+    nodes: tuple[Any, ...] = ()
+    graph: Any = None
 
 
 def _threshold(x: torch.Tensor, thr: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -156,7 +161,9 @@ class HwSimulator:
                     if fn is not None:
                         ins = [node.input[0], *mvau.input[1:]]
                         shapes = [_shape(model, o) for o in mvau.output]
-                        self.steps.append(Step(mvau.name, mvau.op_type, ins, list(mvau.output), fn, shapes))
+                        self.steps.append(
+                            Step(mvau.name, mvau.op_type, ins, list(mvau.output), fn, shapes, (node, mvau), model)
+                        )
                         skip.add(mvau.name)
                         continue
             maker = getattr(self, f"_op_{op}", None)
@@ -167,7 +174,9 @@ class HwSimulator:
                 )
             fn = maker(model, node, _attrs(node))
             shapes = [_shape(model, o) for o in node.output]
-            self.steps.append(Step(node.name, node.op_type, list(node.input), list(node.output), fn, shapes))
+            self.steps.append(
+                Step(node.name, node.op_type, list(node.input), list(node.output), fn, shapes, (node,), model)
+            )
 
     def _const(self, name: str) -> torch.Tensor:
         return self.consts[name]
@@ -425,6 +434,15 @@ class HwSimulator:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _run(self, xt: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
+        return self.walk(xt, keep)
+
+    def walk(
+        self, xt: torch.Tensor, keep: bool = False, fns: list[Callable[..., Any]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One pass of the graph walk over an already-checked batch (no chunking, no fp32 guard).
+
+        ``fns`` (one callable per step, default each step's own ``fn``) gives the walk another
+        semantics over the same wiring: :mod:`hw_dq.fpga.certify` passes interval functions."""
         ctx: dict[str, torch.Tensor] = {self.input_name: xt}
         if not hasattr(self, "_free"):
             last = {n: i for i, st in enumerate(self.steps) for n in st.inputs}
@@ -437,7 +455,7 @@ class HwSimulator:
                 if not name:
                     continue
                 args.append(ctx[name] if name in ctx else self.consts[name])
-            out = step.fn(*args)
+            out = (step.fn if fns is None else fns[i])(*args)
             outs = out if isinstance(out, tuple) else (out,)
             for j, (name, val) in enumerate(zip(step.outputs, outs, strict=False)):
                 shape = step.shapes[j] if step.shapes else None
