@@ -33,6 +33,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from hw_dq.errors import HwDqError
+from hw_dq.run import resolve_device
 
 EXACT_FLOAT32 = 2**24
 SEARCH_ABOVE = 8  # thresholds per channel above which a binary search beats comparisons
@@ -117,7 +118,7 @@ class HwSimulator:
         self.partition = Path(partition) if partition is not None else None
 
         self.model = model_or_path if isinstance(model_or_path, ModelWrapper) else ModelWrapper(str(model_or_path))
-        self.device = device
+        self.device = resolve_device(device)  # one-line error for a device this machine lacks
         self.consts: dict[str, torch.Tensor] = {}
         self.steps: list[Step] = []
         self.input_name = self.model.graph.input[0].name
@@ -470,7 +471,9 @@ class HwSimulator:
         return ctx
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return self.run(x)[self.output_name]
+        """The graph's output for a batch, on the CPU whatever the simulation device (callers
+        take ``.numpy()`` of it)."""
+        return self.run(x)[self.output_name].cpu()
 
 
 def _shape(model, name: str) -> tuple[int, ...] | None:
@@ -483,14 +486,25 @@ def _shape(model, name: str) -> tuple[int, ...] | None:
 
 @contextlib.contextmanager
 def _exact_fp32():
-    """Full-precision float32 matmul/convolution while simulating (no TF32 or bf16 reductions,
-    which would break exactness); the caller's setting is restored afterwards."""
-    before = torch.get_float32_matmul_precision()
+    """Full-precision float32 matmul/convolution while simulating: TF32 off for matmul and for
+    cuDNN convolutions (on by default for cuDNN), no reduced-precision bf16/fp16 reductions; any
+    of them would break exactness on a GPU. The caller's settings are restored afterwards."""
+    cuda_mm, cudnn_conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (
+        torch.get_float32_matmul_precision(), cudnn_conv.fp32_precision,
+        cuda_mm.allow_bf16_reduced_precision_reduction, cuda_mm.allow_fp16_reduced_precision_reduction,
+    )  # fmt: skip
     torch.set_float32_matmul_precision("highest")
+    cudnn_conv.fp32_precision = "ieee"  # the new API only: mixing it with allow_tf32 is an error
+    cuda_mm.allow_bf16_reduced_precision_reduction = False
+    cuda_mm.allow_fp16_reduced_precision_reduction = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        cudnn_conv.fp32_precision = before[1]
+        cuda_mm.allow_bf16_reduced_precision_reduction = before[2]
+        cuda_mm.allow_fp16_reduced_precision_reduction = before[3]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
