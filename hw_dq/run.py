@@ -160,19 +160,9 @@ def load_model(run_dir: str | Path, which: str = MODEL, device: str = "cpu") -> 
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run directory {run} does not exist")
-    from hw_dq.nn.quant import QUANT_SCHEME
-
     cfg = read_json(run / CONFIG)
-    scheme = cfg.get("quant_scheme", QUANT_SCHEME)  # runs before the stamp used scheme 1
-    if scheme != QUANT_SCHEME:
-        raise CheckpointError(
-            f"{run} was trained with quantizers '{scheme}' but this hw-dq has '{QUANT_SCHEME}'; "
-            "retrain it, or use the hw-dq version that wrote it"
-        )
-    try:
-        mcfg = ModelConfig(**cfg["model"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{run / CONFIG} has no valid 'model' section ({e})") from None
+    # the scheme stamp decides the quantizers (runs before the stamp used scheme 1); unknown: refused
+    mcfg = ModelConfig.from_stored(cfg.get("model"), cfg.get("quant_scheme"), run)
     model = model_from_config(mcfg)
     path = run / which
     if which == MODEL and not path.is_file() and (run / CHECKPOINT).is_file():

@@ -14,14 +14,13 @@ Every conv/linear is directly followed by its BatchNorm (or nothing), which is w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from hw_dq.errors import ConfigError
-from hw_dq.nn.quant import QuantSpec
+from hw_dq.errors import CheckpointError, ConfigError
+from hw_dq.nn.quant import SCHEME_FIXED, QuantSpec, act_range_of_scheme, parse_bits, quant_scheme
 
 MODELS = ("cnv", "wrn", "tiny")
 
@@ -37,14 +36,16 @@ class CNV(nn.Module):
     POOL_AFTER = (1, 3)
     FC = (512, 512)
 
-    def __init__(self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3):
+    def __init__(
+        self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3, end_bits: int | None = None
+    ):
         super().__init__()
         self.input_quant = spec.input_quant()
         layers: list[nn.Module] = []
         cin = in_ch
         for i, c in enumerate(self.CONV):
             cout = _ch(c, width)
-            layers += [spec.conv(cin, cout, 3), nn.BatchNorm2d(cout), spec.act()]
+            layers += [(spec.with_wbits(end_bits) if i == 0 else spec).conv(cin, cout, 3), spec.bn(cout), spec.act()]
             if i in self.POOL_AFTER:
                 layers.append(nn.MaxPool2d(2))
             cin = cout
@@ -52,9 +53,9 @@ class CNV(nn.Module):
         fc: list[nn.Module] = []
         for f in self.FC:
             fout = _ch(f, width)
-            fc += [spec.linear(cin, fout), nn.BatchNorm1d(fout), spec.act()]
+            fc += [spec.linear(cin, fout), spec.bn(fout, 1), spec.act()]
             cin = fout
-        fc.append(spec.linear(cin, num_classes))
+        fc.append(spec.with_wbits(end_bits).linear(cin, num_classes))
         self.classifier = nn.Sequential(*fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +66,17 @@ class CNV(nn.Module):
 class Tiny(nn.Module):
     """Two 3x3 convolutions with max-pooling and one classifier (fast tests)."""
 
-    def __init__(self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3):
+    def __init__(
+        self, spec: QuantSpec, num_classes: int = 10, width: float = 1.0, in_ch: int = 3, end_bits: int | None = None
+    ):
         super().__init__()
         c1, c2 = _ch(16, width), _ch(32, width)
         self.input_quant = spec.input_quant()
         self.features = nn.Sequential(
-            spec.conv(in_ch, c1, 3), nn.BatchNorm2d(c1), spec.act(), nn.MaxPool2d(2),
-            spec.conv(c1, c2, 3), nn.BatchNorm2d(c2), spec.act(), nn.MaxPool2d(2),
+            spec.with_wbits(end_bits).conv(in_ch, c1, 3), spec.bn(c1), spec.act(), nn.MaxPool2d(2),
+            spec.conv(c1, c2, 3), spec.bn(c2), spec.act(), nn.MaxPool2d(2),
         )  # fmt: skip
-        self.classifier = nn.Sequential(spec.linear(c2 * 6 * 6, num_classes))
+        self.classifier = nn.Sequential(spec.with_wbits(end_bits).linear(c2 * 6 * 6, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.input_quant(x))
@@ -108,12 +111,12 @@ class ConvexBlock(nn.Module):
         super().__init__()
         self.lam = lam
         self.branch = nn.Sequential(
-            spec.conv(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), spec.act(),
-            spec.conv(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout),
+            spec.conv(cin, cout, 3, stride, 1), spec.bn(cout), spec.act(),
+            spec.conv(cout, cout, 3, 1, 1), spec.bn(cout),
         )  # fmt: skip
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(spec.conv(cin, cout, 1, stride, 0), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(spec.conv(cin, cout, 1, stride, 0), spec.bn(cout))
         self.merge = residual_quant(spec)
         self.act = spec.act()
 
@@ -132,6 +135,7 @@ class WideResNet(nn.Module):
         depth: int = 28,
         in_ch: int = 3,
         lam: float = 0.5,
+        end_bits: int | None = None,
     ):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
@@ -141,7 +145,8 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = [16, _ch(16, width), _ch(32, width), _ch(64, width)]
         self.input_quant = spec.input_quant()
-        self.stem = nn.Sequential(spec.conv(in_ch, widths[0], 3, 1, 1), nn.BatchNorm2d(widths[0]), spec.act())
+        stem = spec.with_wbits(end_bits).conv(in_ch, widths[0], 3, 1, 1)
+        self.stem = nn.Sequential(stem, spec.bn(widths[0]), spec.act())
         blocks: list[nn.Module] = []
         cin = widths[0]
         for stage, stride in zip(range(1, 4), (1, 2, 2), strict=True):
@@ -150,7 +155,7 @@ class WideResNet(nn.Module):
                 cin = widths[stage]
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(spec.linear(cin, num_classes))
+        self.classifier = nn.Sequential(spec.with_wbits(end_bits).linear(cin, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(self.input_quant(x)))
@@ -179,9 +184,34 @@ class ModelConfig:
     residual_lambda: float = 0.5
     num_classes: int = 10
     in_channels: int = 3
+    act_range: str = "learned"  # "fixed": ReLU6 [0, 6] (scheme 1); "learned": per-tensor learned range
+    end_bits: int | None = None  # weight bits of the first and last layer (mixed precision), None = wbits
+    bn_gain_max: float | None = None  # bound BatchNorm's inference gain to [0, bn_gain_max]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def quant_scheme(self) -> str:
+        """The scheme stamp to store with a run of this model."""
+        return quant_scheme(self.act_range)
+
+    @classmethod
+    def from_stored(cls, model: dict, stamp: str | None, where: object = "this run") -> ModelConfig:
+        """The model section of a run's config.json under its scheme stamp (no stamp: scheme 1).
+
+        Runs written before ``act_range`` existed carry no such key: their stamp says which it is.
+        """
+        act_range = act_range_of_scheme(stamp or SCHEME_FIXED, where)
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{where} has no valid 'model' section")
+        stored = model.get("act_range", act_range)
+        if stored != act_range:
+            raise CheckpointError(f"{where}: model act_range {stored!r} contradicts its quantizer scheme '{stamp}'")
+        try:
+            return cls(**{**model, "act_range": act_range})
+        except (TypeError, ConfigError) as e:
+            raise CheckpointError(f"{where} has no valid 'model' section ({e})") from None
 
 
 def create_model(
@@ -194,31 +224,33 @@ def create_model(
     num_classes: int = 10,
     in_channels: int = 3,
     residual_lambda: float = 0.5,
+    act_range: str = "learned",
+    end_bits: int | None = None,
+    bn_gain_max: float | None = None,
 ) -> nn.Module:
     """Build a model; ``wbits``/``abits`` = None for full precision (quantizers off).
 
-    ``width`` defaults to 1.0 for ``cnv``/``tiny`` and 10 for ``wrn``.
+    ``width`` defaults to 1.0 for ``cnv``/``tiny`` and 10 for ``wrn``. ``end_bits``: weight bits
+    of the first and last layer (FINN takes 8-bit weights there), None = ``wbits`` everywhere.
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    spec = QuantSpec(wbits, abits)
+    spec = QuantSpec(wbits, abits, act_range, bn_gain_max)
+    end_bits = parse_bits(end_bits, "first/last layer weight bit width (end_bits)")
     if width is not None and width <= 0:
         raise ConfigError(f"invalid width {width}: must be positive")
     if name == "cnv":
-        return CNV(spec, num_classes, 1.0 if width is None else width, in_channels)
+        return CNV(spec, num_classes, 1.0 if width is None else width, in_channels, end_bits)
     if name == "tiny":
-        return Tiny(spec, num_classes, 1.0 if width is None else width, in_channels)
-    return WideResNet(spec, num_classes, 10 if width is None else width, depth, in_channels, residual_lambda)
+        return Tiny(spec, num_classes, 1.0 if width is None else width, in_channels, end_bits)
+    w = 10 if width is None else width
+    return WideResNet(spec, num_classes, w, depth, in_channels, residual_lambda, end_bits)
 
 
 def model_from_config(cfg: ModelConfig) -> nn.Module:
     return create_model(
         cfg.name, cfg.wbits, cfg.abits, width=cfg.width, depth=cfg.depth,
         num_classes=cfg.num_classes, in_channels=cfg.in_channels,
-        residual_lambda=cfg.residual_lambda,
+        residual_lambda=cfg.residual_lambda, act_range=cfg.act_range, end_bits=cfg.end_bits,
+        bn_gain_max=cfg.bn_gain_max,
     )  # fmt: skip
-
-
-def layer_names(model: nn.Module, kinds: Sequence[type] = (nn.Conv2d, nn.Linear)) -> list[str]:
-    """Names of the conv/linear layers, in execution order for the models here."""
-    return [n for n, m in model.named_modules() if isinstance(m, tuple(kinds))]
