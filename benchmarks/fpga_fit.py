@@ -122,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for tag, (wb, ab) in {"w1a1": (1, 1), "w2a2": (2, 2)}.items():
             torch.manual_seed(0)
-            exp = export_model(create_model("cnv", wb, ab).eval(), Path(tmp) / tag, sample_images({}, 4))
+            exp = export_model(create_model("cnv", wb, ab).eval(), Path(tmp) / tag, sample_images(None, 4))
             for name in ("Pynq-Z1", "ZCU104"):
                 board, out = get_board(name), Path(tmp) / tag / name
                 t0 = time.time()
@@ -169,7 +169,7 @@ def wrn_rows(tmp: Path) -> list[dict[str, Any]]:
     for bits in (2, 4):
         torch.manual_seed(0)
         model = lively(create_model("wrn", bits, bits, width=1, depth=10))
-        exp = export_model(model, tmp / f"wrn{bits}", sample_images({}, 4))
+        exp = export_model(model, tmp / f"wrn{bits}", sample_images(None, 4))
         for name in ("Pynq-Z1", "ZCU104"):
             t0 = time.time()
             r = hb.build_model(exp.qonnx, get_board(name), tmp / f"wrn{bits}" / name, fit=True, clock_mhz=200,

@@ -44,18 +44,36 @@ NPZ_LAYOUT = (
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Images as uint8 NHWC and labels as int64, with the name of where they came from."""
+    """Images as uint8 NHWC and labels as int64, with the name of where they came from.
+
+    ``classes``: the class count the source declares (10 for CIFAR-10 and SVHN); 0 for your
+    own ``npz`` data, whose class count is then read from its labels.
+    """
 
     x: np.ndarray
     y: np.ndarray
     name: str
+    classes: int = 0
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     @property
+    def channels(self) -> int:
+        """Image channels (1 or 3), from the data."""
+        return int(self.x.shape[-1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image as the model sees it."""
+        return self.channels, int(self.x.shape[1]), int(self.x.shape[2])
+
+    @property
     def num_classes(self) -> int:
-        return max(NUM_CLASSES, int(self.y.max()) + 1) if len(self) else NUM_CLASSES
+        """The declared class count, else the largest label + 1 (the labels 0..K-1 of your data)."""
+        if self.classes:
+            return self.classes
+        return int(self.y.max()) + 1 if len(self) else NUM_CLASSES
 
     def take(self, n: int | None, seed: int = 0) -> ArrayDataset:
         """A class-mixed subset of ``n`` examples (all if ``n`` is None or too large)."""
@@ -65,7 +83,8 @@ class ArrayDataset:
             raise DataError(f"cannot take {n} examples from {self.name}: n must be positive")
         idx = np.random.default_rng(seed).permutation(len(self))[:n]
         idx.sort()
-        return ArrayDataset(self.x[idx], self.y[idx], f"{self.name}[:{n}]")
+        # a subset keeps the whole set's class count, even if it misses a class
+        return ArrayDataset(self.x[idx], self.y[idx], f"{self.name}[:{n}]", self.num_classes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as float NCHW in [0, 1] and labels as int64."""
@@ -82,7 +101,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("HW_DQ_DATA", Path.home() / ".cache" / "hw-dq" / "data"))
 
 
-def _validate(x: np.ndarray, y: np.ndarray, where: str) -> ArrayDataset:
+def _validate(x: np.ndarray, y: np.ndarray, where: str, classes: int = 0) -> ArrayDataset:
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise DataError(f"{where}: images must be uint8 N x H x W x C with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
@@ -91,7 +110,9 @@ def _validate(x: np.ndarray, y: np.ndarray, where: str) -> ArrayDataset:
         )
     if y.size and (y.min() < 0):
         raise DataError(f"{where}: labels must be non-negative, found {int(y.min())}")
-    return ArrayDataset(np.ascontiguousarray(x), y.astype(np.int64), where)
+    if classes and y.size and y.max() >= classes:
+        raise DataError(f"{where}: labels must lie in 0..{classes - 1} ({classes} classes), found {int(y.max())}")
+    return ArrayDataset(np.ascontiguousarray(x), y.astype(np.int64), where, classes)
 
 
 def _load_npz(path: Path, keys: tuple[str, str] = ("x", "y")) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +142,7 @@ def _npz_files(root: Path, split: str, prefix: str = "") -> list[Path]:
     return single + parts
 
 
-def load_npz_dir(root: Path, split: str, prefix: str = "") -> ArrayDataset:
+def load_npz_dir(root: Path, split: str, prefix: str = "", classes: int = 0) -> ArrayDataset:
     """Load ``split`` from npz file(s) in ``root`` (see the module docstring for names)."""
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist; {NPZ_LAYOUT.format(split=split)}")
@@ -133,7 +154,7 @@ def load_npz_dir(root: Path, split: str, prefix: str = "") -> ArrayDataset:
         x, y = np.concatenate(xs), np.concatenate(ys)
     except ValueError as e:
         raise DataError(f"{root}: {split} files have inconsistent shapes ({e})") from None
-    return _validate(x, y, f"{root}/{files[0].name if len(files) == 1 else prefix + split}")
+    return _validate(x, y, f"{root}/{files[0].name if len(files) == 1 else prefix + split}", classes)
 
 
 def load_sample(split: str) -> ArrayDataset:
@@ -141,12 +162,12 @@ def load_sample(split: str) -> ArrayDataset:
     ref = resources.files("hw_dq") / "data" / "cifar10_sample.npz"
     with resources.as_file(ref) as path:
         x, y = _load_npz(Path(path), (f"x_{split}", f"y_{split}"))
-    return _validate(x, y, f"sample/{split}")
+    return _validate(x, y, f"sample/{split}", NUM_CLASSES)
 
 
 def _load_cifar10(root: Path, split: str, download: bool) -> ArrayDataset:
     if _npz_files(root, split, "cifar10") if root.is_dir() else []:
-        return load_npz_dir(root, split, "cifar10")
+        return load_npz_dir(root, split, "cifar10", NUM_CLASSES)
     import torchvision
 
     # torchvision's CIFAR-10 batches are pickles; torchvision checks each file's MD5
@@ -158,7 +179,7 @@ def _load_cifar10(root: Path, split: str, download: bool) -> ArrayDataset:
             f"CIFAR-10 not found in {root} ({e}); pass --data-dir with cifar10_train*.npz and "
             "cifar10_test.npz or torchvision's cifar-10-batches-py, or --download"
         ) from None
-    return _validate(np.asarray(ds.data), np.asarray(ds.targets), f"cifar10/{split}")
+    return _validate(np.asarray(ds.data), np.asarray(ds.targets), f"cifar10/{split}", NUM_CLASSES)
 
 
 def _load_svhn(root: Path, split: str, download: bool) -> ArrayDataset:
@@ -184,7 +205,7 @@ def _load_svhn(root: Path, split: str, download: bool) -> ArrayDataset:
             f"{path}: not an SVHN format-2 .mat file (needs X: 32x32x3xN uint8, y: N labels; {type(e).__name__}: {e})"
         ) from None
     y[y == 10] = 0  # SVHN stores the digit 0 as label 10
-    return _validate(x, y, f"svhn/{split}")
+    return _validate(x, y, f"svhn/{split}", NUM_CLASSES)
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None, download: bool = False) -> ArrayDataset:
@@ -263,8 +284,3 @@ def iterate_batches(
         if train:
             xb = augment(xb, seeded_generator(seed, epoch, step, 7919))
         yield xb, y_all[idx]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Number of training steps in one epoch (the last partial batch is dropped)."""
-    return n // batch_size

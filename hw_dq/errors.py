@@ -1,4 +1,9 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2.
+
+Every error class of the pipeline stages this file's owner keeps lives here, so that a stage can
+raise or catch another stage's error without importing it (the cycle build -> report -> build
+existed only for BuildError). Modules re-export theirs (``hw_dq.fpga.build.BuildError``).
+"""
 
 from __future__ import annotations
 
@@ -21,3 +26,15 @@ class ConfigError(HwDqError):
 
 class CheckpointError(HwDqError):
     """A run directory or checkpoint is missing, corrupt or incompatible."""
+
+
+class BoardError(HwDqError):
+    """A board file is malformed, or a board name is unknown."""
+
+
+class ExportError(HwDqError):
+    """The model cannot be exported, or the export does not reproduce the PyTorch model."""
+
+
+class BuildError(HwDqError):
+    """The model cannot be built by FINN (not QONNX, float, unmappable, does not streamline)."""

@@ -8,6 +8,12 @@ Layout (each stage adds its own files; none rewrites another's)::
       model.safetensors      final weights (what attack / export / build read)
       metrics.jsonl          one JSON line per epoch
       lipschitz.json / .md   the Lipschitz diagnostic of the final model
+      attacks/<name>.json    one evaluation record per attack run (and a .md rendering)
+      export/                qonnx.onnx, sample_input.npy, sample_output.npy, equivalence.json
+      build/<Board>/         one FINN build per board, named by the catalogue's spelling
+
+:class:`Run` is the handle every stage uses to read and write these files; the functions
+below it are its building blocks.
 
 Weights are safetensors (no pickle); every file is written atomically (temp file in the
 same directory, fsync, rename), so a killed process never leaves a half-written file.
@@ -27,12 +33,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hw_dq.errors import CheckpointError, ConfigError
+from hw_dq.errors import CheckpointError, ConfigError, HwDqError
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
+ATTACKS_DIR = "attacks"
+EXPORT_DIR = "export"
+QONNX_FILE = "qonnx.onnx"
+SAMPLE_INPUT = "sample_input.npy"  # verification images (UINT8 NCHW), in export/ and in each build
+SAMPLE_OUTPUT = "sample_output.npy"  # the PyTorch model's outputs on them
+BUILD_DIR = "build"
+DATAFLOW_MODEL = "dataflow_model.onnx"  # what a finished build leaves for the simulator
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -172,3 +185,138 @@ def load_model(run_dir: str | Path, which: str = MODEL, device: str = "cpu") -> 
     load_state(model, state, path)
     model.eval()
     return model.to(resolve_device(device)), cfg
+
+
+class Run:
+    """A run directory: the one way a stage reads and writes it.
+
+    ``Run(path)`` does not touch the disk; :attr:`config` is read once, on first use.
+    """
+
+    def __init__(self, path: str | Path | Run) -> None:
+        self.path = path.path if isinstance(path, Run) else Path(path)
+        self._config: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def require(self) -> Run:
+        """This run, or a one-line error when the folder does not exist."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"run directory {self.path} does not exist")
+        return self
+
+    # -- what training wrote ----------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` as written by training (read once)."""
+        if self._config is None:
+            self._config = read_json(self.require().path / CONFIG)
+        return self._config
+
+    @property
+    def train_settings(self) -> dict[str, Any]:
+        """The training section of the config (data, recipe); empty for a bare model."""
+        section = self.config.get("train", {})
+        return section if isinstance(section, dict) else {}
+
+    def model(self, device: str = "cpu", which: str = MODEL) -> nn.Module:
+        """The trained model in eval mode on ``device`` (the latest checkpoint of an unfinished run)."""
+        return load_model(self.path, which, device)[0]
+
+    def resolve(self, stored: str | Path | None) -> Path | None:
+        """A path stored in the run's files: as written when it exists, else relative to the run
+        directory, else relative to the current folder (committed runs store relative paths)."""
+        if stored is None:
+            return None
+        p = Path(stored)
+        if p.is_absolute() or p.exists():
+            return p
+        return self.path / p if (self.path / p).exists() else p
+
+    def data_source(self, data: str | None = None, data_dir: str | Path | None = None) -> tuple[str, str | None]:
+        """The dataset name and folder to evaluate on: the arguments, else the run's own."""
+        name = data or self.train_settings.get("data", "sample")
+        folder = data_dir if data_dir is not None else self.resolve(self.train_settings.get("data_dir"))
+        return name, None if folder is None else str(folder)
+
+    def test_set(self, n: int | None, seed: int = 0, data: str | None = None, data_dir: str | Path | None = None):
+        """The ``n`` test images every stage evaluates on: ``load_split(...).take(n, seed)`` of the
+        run's dataset (or ``data``/``data_dir``). Returns an :class:`hw_dq.data.ArrayDataset`."""
+        from hw_dq.data import load_split
+
+        name, folder = self.data_source(data, data_dir)
+        return load_split(name, "test", folder).take(n, seed)
+
+    # -- evaluation records -----------------------------------------------------------------
+    @property
+    def attacks_dir(self) -> Path:
+        return self.path / ATTACKS_DIR
+
+    def result_path(self, name: str) -> Path:
+        return self.attacks_dir / f"{name}.json"
+
+    def write_result(self, name: str, record: dict[str, Any], markdown: str | None = None) -> Path:
+        """Write ``attacks/<name>.json`` (and ``.md`` when given), atomically; returns the JSON path."""
+        path = self.result_path(name)
+        write_json(path, record)
+        if markdown is not None:
+            write_text(path.with_suffix(".md"), markdown)
+        return path
+
+    # -- export and builds ------------------------------------------------------------------
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT_DIR
+
+    @property
+    def qonnx(self) -> Path:
+        return self.export_dir / QONNX_FILE
+
+    @property
+    def sample_inputs(self) -> Path:
+        """The export's verification images (UINT8 NCHW .npy)."""
+        return self.export_dir / SAMPLE_INPUT
+
+    @property
+    def sample_outputs(self) -> Path:
+        return self.export_dir / SAMPLE_OUTPUT
+
+    def builds(self) -> list[Path]:
+        """Finished FINN builds of this run (folders with a dataflow model), sorted by name."""
+        root = self.path / BUILD_DIR
+        return sorted(d for d in root.iterdir() if (d / DATAFLOW_MODEL).is_file()) if root.is_dir() else []
+
+    def build_dir(self, board: str, boards_dir: str | Path | None = None) -> Path:
+        """Where the build for ``board`` lives: ``build/<the catalogue's spelling>``, so that
+        ``zcu104``, ``ZCU104`` and ``Zcu104`` name one folder. An existing folder whose name
+        matches case-insensitively wins (a board file since renamed or removed)."""
+        from hw_dq.fpga.boards import canonical_name  # the catalogue is data (imports only errors)
+
+        root = self.path / BUILD_DIR
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and d.name.casefold() == board.strip().casefold():
+                    return d
+        return root / canonical_name(board, boards_dir)
+
+    def find_build(self, board: str | None = None) -> Path:
+        """A finished build: the one for ``board``, or the only one when no board is named."""
+        if board is not None:
+            d = self.build_dir(board)
+            if (d / DATAFLOW_MODEL).is_file():
+                return d
+            have = ", ".join(b.name for b in self.builds()) or "none"
+            raise HwDqError(
+                f"no FINN build in {self.path} for board {board} (builds: {have}); "
+                f"run 'hw-dq build {self.path} --board {board}' first"
+            )
+        builds = self.builds()
+        if not builds:
+            raise HwDqError(f"no FINN build in {self.path}; run 'hw-dq build {self.path} --board NAME' first")
+        if len(builds) > 1:
+            raise HwDqError(f"{self.path} has builds for {', '.join(d.name for d in builds)}; choose one with --board")
+        return builds[0]

@@ -71,3 +71,37 @@ def test_user_adds_a_board_by_adding_a_file(tmp_path: Path, monkeypatch: pytest.
 def test_unknown_board_one_line_listing_known(tmp_path: Path) -> None:
     proc = run_cli("build", str(tmp_path), "--board", "NoSuchBoard")
     assert_one_line_error(proc, "unknown board 'NoSuchBoard'", "Pynq-Z1", "ZCU104")
+
+
+def test_board_names_are_case_insensitive_and_build_folders_canonical(tmp_path: Path) -> None:
+    """`build --board zcu104` writes build/ZCU104; `attack --on hw --board zcu104` (or ZCU104) finds it."""
+    from hw_dq.errors import HwDqError
+    from hw_dq.fpga.boards import canonical_name
+    from hw_dq.run import DATAFLOW_MODEL, Run
+
+    assert canonical_name("zcu104") == "ZCU104" and canonical_name("PYNQ-z1") == "Pynq-Z1"
+    assert canonical_name("alveo-u250") == "U250" and canonical_name("gone-board") == "gone-board"
+    run = Run(tmp_path)
+    assert run.build_dir("zcu104") == tmp_path / "build" / "ZCU104" == run.build_dir(" Zcu104 ")
+    (run.build_dir("zcu104")).mkdir(parents=True)
+    (run.build_dir("zcu104") / DATAFLOW_MODEL).write_bytes(b"")
+    assert run.find_build("zcu104") == run.find_build("ZCU104") == run.find_build() == tmp_path / "build" / "ZCU104"
+    with pytest.raises(HwDqError, match="no FINN build .* for board pynq-z1 \\(builds: ZCU104\\)"):
+        run.find_build("pynq-z1")
+    legacy = tmp_path / "build" / "my-old-board"  # a board file since removed: the folder is still found
+    legacy.mkdir()
+    (legacy / DATAFLOW_MODEL).write_bytes(b"")
+    assert run.find_build("MY-OLD-BOARD") == legacy
+    with pytest.raises(HwDqError, match="choose one with --board"):
+        run.find_build()
+
+
+def test_shipped_catalogue_is_the_installed_copy_when_there_is_one(tmp_path: Path, monkeypatch) -> None:
+    import hw_dq.fpga.boards as boards
+
+    assert boards.shipped_boards_dir() == REPO_BOARDS  # a checkout: the top-level boards/ users edit
+    installed = tmp_path / "hw_dq" / "boards"
+    installed.mkdir(parents=True)
+    _write(installed, "OnlyInWheel")
+    monkeypatch.setattr(boards, "INSTALLED_BOARDS", installed)
+    assert set(load_boards()) == {"OnlyInWheel"}

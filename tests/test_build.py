@@ -117,7 +117,7 @@ def test_unmappable_model_is_one_line_error(tmp_path: Path) -> None:
     from hw_dq.fpga.export import export_model, sample_images
 
     torch.manual_seed(0)
-    export_model(_Unmappable().eval(), tmp_path, sample_images({}, 2))
+    export_model(_Unmappable().eval(), tmp_path, sample_images(None, 2))
     proc = run_cli("build", str(tmp_path / "qonnx.onnx"), "--board", "ZCU104", "--target-fps", "100", "--quiet")
     assert_one_line_error(proc, "cannot be mapped to FINN hardware", "Sin")
 
@@ -131,7 +131,7 @@ def test_small_wrn_builds_with_finn_verification(tmp_path: Path, bits: int) -> N
     from hw_dq.nn.models import create_model
 
     torch.manual_seed(0)
-    exp = export_model(lively(create_model("wrn", bits, bits, width=1, depth=10)), tmp_path, sample_images({}, 4))
+    exp = export_model(lively(create_model("wrn", bits, bits, width=1, depth=10)), tmp_path, sample_images(None, 4))
     out = np.load(exp.sample_output)
     assert np.ptp(out, axis=0).max() > 0, "trivial (constant) outputs would make the verification vacuous"
     rep = build_model(exp.qonnx, get_board("ZCU104"), tmp_path / "b", target_fps=1000,

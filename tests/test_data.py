@@ -35,8 +35,8 @@ def test_npz_dir_single_and_parts(tmp_path):
     np.savez_compressed(tmp_path / "mine_train_part1.npz", x=src.x[:10], y=src.y[:10])
     np.savez_compressed(tmp_path / "mine_train_part2.npz", x=src.x[10:25], y=src.y[10:25])
     np.savez_compressed(tmp_path / "test.npz", x=src.x[:7], y=src.y[:7])
-    tr = data.load_split("npz", "train", tmp_path)
-    te = data.load_split("npz", "test", tmp_path)
+    tr = data.data.load_split("npz", "train", tmp_path)
+    te = data.data.load_split("npz", "test", tmp_path)
     assert len(tr) == 25 and np.array_equal(tr.x, src.x[:25])
     assert len(te) == 7
     del rng
@@ -80,10 +80,10 @@ def test_missing_or_corrupt_data_names_path(tmp_path, name, files, needle):
 def test_npz_wrong_layout(tmp_path):
     np.savez(tmp_path / "train.npz", x=np.zeros((4, 3, 32, 32), np.float32), y=np.zeros(4, np.int64))
     with pytest.raises(DataError, match="uint8 N x H x W x C"):
-        data.load_split("npz", "train", tmp_path)
+        data.data.load_split("npz", "train", tmp_path)
     np.savez(tmp_path / "train.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(DataError, match="missing array"):
-        data.load_split("npz", "train", tmp_path)
+        data.data.load_split("npz", "train", tmp_path)
 
 
 def test_unknown_dataset_lists_choices():
@@ -119,3 +119,29 @@ def test_batches_deterministic_and_sharded():
     assert sorted(torch.cat([r0[0][1], r1[0][1]]).tolist()) == sorted(a[0][1].tolist())
     c = list(data.iterate_batches(ds, 64, train=True, seed=1, epoch=3))
     assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_channels_and_classes_come_from_the_data(tmp_path):
+    """A one-channel dataset and a 100-class dataset are read with their own shape and class count."""
+    rng = np.random.default_rng(0)
+    gray, many = tmp_path / "gray", tmp_path / "many"
+    gray.mkdir(), many.mkdir()
+    x1 = rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    np.savez(gray / "train.npz", x=x1, y=np.arange(20) % 10)
+    np.savez(many / "train.npz", x=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y=np.arange(200) % 100)
+    g, m = data.load_split("npz", "train", gray), data.load_split("npz", "train", many)
+    assert (g.channels, g.num_classes, g.image_shape) == (1, 10, (1, 28, 28))
+    assert (m.channels, m.num_classes) == (3, 100) and m.take(5).num_classes == 100
+    two = tmp_path / "two"
+    two.mkdir()
+    np.savez(two / "train.npz", x=x1, y=np.arange(20) % 2)
+    assert data.load_split("npz", "train", two).num_classes == 2  # not padded to CIFAR-10's ten
+    s = data.load_split("sample", "test")
+    assert (s.channels, s.num_classes, s.take(3).num_classes) == (3, 10, 10)  # declared, even for a subset
+
+
+def test_labels_beyond_the_declared_classes_are_rejected(tmp_path):
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "cifar10_test.npz", x=x, y=np.array([0, 3, 9, 10]))
+    with pytest.raises(DataError, match=r"labels must lie in 0..9 \(10 classes\), found 10"):
+        data.load_split("cifar10", "test", tmp_path)

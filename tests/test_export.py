@@ -57,13 +57,13 @@ def test_one_bit_unsigned_activations_exported_exactly(tmp_path: Path) -> None:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.fill_(1e-4)
                 m.bias.normal_(2.5, 1.0)
-    r = export_model(model, tmp_path, sample_images({}, 8))
+    r = export_model(model, tmp_path, sample_images(None, 8))
     assert r.equivalence["ok"] and r.equivalence["activation_bipolar_rewritten"] == 2
 
 
 def test_float_model_export_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="full precision"):
-        export_model(create_model("tiny", None, None), tmp_path, sample_images({}, 2))
+        export_model(create_model("tiny", None, None), tmp_path, sample_images(None, 2))
     run = train_tiny(tmp_path / "fp", "float", "float", n=64)
     assert_one_line_error(run_cli("export", str(run)), "full precision")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hw_dq.errors import HwDqError
-
 
 def cmd_export(a: argparse.Namespace) -> int:
     from hw_dq.fpga.export import export_run
 
-    r = export_run(a.run_dir, head=a.head, qcdq=a.qcdq, n=a.n)
+    r = export_run(a.run_dir, head=a.head, qcdq=a.qcdq, n=a.n, out=a.out)
     eq = r.equivalence
+    if a.quiet:
+        return 0
     print(
         f"exported {r.qonnx} ({eq['head']} head, UINT8 input): max |logit diff| {eq['max_abs_logit_diff']:.3g}, "
         f"top-1 agreement {100 * eq['top1_agreement']:.1f}% on {eq['n_images']} test images"
@@ -25,12 +25,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_build(a: argparse.Namespace) -> int:
     from hw_dq.fpga.build import build_run
 
-    if a.target_fps is not None and a.fit:
-        raise HwDqError("use either --target-fps or --fit, not both")
     r = build_run(
         a.run_dir, a.board, target_fps=a.target_fps, fit=a.fit, clock_mhz=a.clock_mhz, out=a.out,
-        boards_dir=a.boards_dir, progress=not a.quiet,
+        boards_dir=a.boards_dir, progress=not a.quiet, folding_config=a.folding_config,
     )  # fmt: skip
+    if a.quiet:
+        return 0
     util = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["utilisation"].items())
     print(
         f"{r['board']['name']} @ {r['clock_mhz']:.0f} MHz ({r['folding']}): est. {r['fps']:,.0f} FPS, latency "
@@ -58,6 +58,8 @@ def register(sub: Any) -> None:
     e.add_argument("--head", choices=("logits", "label"), default="logits", help="logits, or the top-1 label (TopK)")
     e.add_argument("--qcdq", action="store_true", help="also write QCDQ ONNX (onnxruntime)")
     e.add_argument("--n", type=int, default=32, help="test images for the equivalence check")
+    e.add_argument("--out", metavar="DIR", help="export folder (default: RUN_DIR/export, where build looks)")
+    e.add_argument("--quiet", action="store_true", help="print nothing on success")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="FINN dataflow build for a board: folding, estimates, bitstream-ready folder")
@@ -66,10 +68,14 @@ def register(sub: Any) -> None:
     g = b.add_mutually_exclusive_group()
     g.add_argument("--target-fps", type=float, help="fold for this throughput (FINN SetFolding)")
     g.add_argument("--fit", action="store_true", help="highest throughput within FINN's utilisation limits (default)")
+    g.add_argument(
+        "--folding-config", metavar="FILE",
+        help="a FINN folding JSON (e.g. an edited BUILD/folding_config.json) instead of the folding search",
+    )  # fmt: skip
     b.add_argument("--clock-mhz", type=float, help="override the board's default clock")
-    b.add_argument("--out", help="build folder (default RUN_DIR/build/BOARD)")
+    b.add_argument("--out", help="build folder (default: RUN_DIR/build/BOARD, the board's catalogue spelling)")
     b.add_argument("--boards-dir", help="extra folder of board JSON files")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress, and print nothing on success")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("boards", help="list the known boards and their resources")

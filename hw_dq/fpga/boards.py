@@ -6,9 +6,13 @@ Each file (``boards/<Name>.json``) holds::
      "resources": {"LUT": 53200, "FF": 106400, "BRAM_18K": 280, "URAM": 0, "DSP": 220},
      "clock_mhz": 100, "shell_flow": "vivado_zynq", "vitis_platform": null, "notes": "..."}
 
-Board folders, later ones overriding earlier ones by name: the repository's ``boards/``
-(next to the package), then every folder in ``$HW_DQ_BOARDS_DIR`` (``os.pathsep``-separated),
-then an explicit ``boards_dir`` (``--boards-dir``).
+Board folders, later ones overriding earlier ones by name: the shipped catalogue (the
+repository's top-level ``boards/`` in a checkout; the same files as ``hw_dq/boards/`` inside an
+installed wheel, mapped there by pyproject.toml), then every folder in ``$HW_DQ_BOARDS_DIR``
+(``os.pathsep``-separated), then an explicit ``boards_dir`` (``--boards-dir``).
+
+Board names are matched case-insensitively everywhere; :func:`canonical_name` is the one
+spelling used for build folders.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hw_dq.errors import HwDqError
+__all__ = ["Board", "BoardError", "canonical_name", "get_board", "load_board_file", "load_boards", "boards_table"]
+
+from hw_dq.errors import BoardError
 
 RESOURCES = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
 SHELL_FLOWS = ("vivado_zynq", "vitis_alveo")
@@ -27,10 +33,12 @@ SHELL_FLOWS = ("vivado_zynq", "vitis_alveo")
 UTIL_LIMITS = {"LUT": 0.70, "FF": 0.50, "BRAM_18K": 0.80, "URAM": 0.80, "DSP": 0.80}
 ENV_VAR = "HW_DQ_BOARDS_DIR"
 REPO_BOARDS = Path(__file__).resolve().parents[2] / "boards"
+INSTALLED_BOARDS = Path(__file__).resolve().parents[1] / "boards"  # hw_dq/boards in a wheel
 
 
-class BoardError(HwDqError):
-    """A board file is malformed, or a board name is unknown."""
+def shipped_boards_dir() -> Path:
+    """The catalogue that comes with hw-dq: the installed copy, else the checkout's boards/."""
+    return INSTALLED_BOARDS if INSTALLED_BOARDS.is_dir() else REPO_BOARDS
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def load_board_file(path: str | Path) -> Board:
 
 def board_dirs(boards_dir: str | Path | None = None) -> list[Path]:
     """Folders searched for board files, lowest priority first."""
-    dirs = [REPO_BOARDS]
+    dirs = [shipped_boards_dir()]
     dirs += [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
     if boards_dir is not None:
         if not Path(boards_dir).is_dir():
@@ -130,18 +138,33 @@ def load_boards(boards_dir: str | Path | None = None) -> dict[str, Board]:
             b = load_board_file(f)
             boards[b.name] = b
     if not boards:
-        raise BoardError(f"no board files found (looked in {REPO_BOARDS} and ${ENV_VAR})")
+        raise BoardError(f"no board files found (looked in {shipped_boards_dir()} and ${ENV_VAR})")
     return boards
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("alveo ", "").replace("alveo-", "")
 
 
 def get_board(name: str, boards_dir: str | Path | None = None) -> Board:
     """Look a board up by name or FINN board name (case-insensitive)."""
     boards = load_boards(boards_dir)
-    key = name.strip().lower().replace("alveo ", "").replace("alveo-", "")
+    key = _key(name)
     for b in boards.values():
-        if key in (b.name.lower(), b.finn_board.lower()):
+        if key in (_key(b.name), _key(b.finn_board)):
             return b
     raise BoardError(f"unknown board {name!r}; known boards: {', '.join(boards)} (add one as a JSON file in boards/)")
+
+
+def canonical_name(name: str, boards_dir: str | Path | None = None) -> str:
+    """The catalogue's spelling of a board name (``zcu104`` -> ``ZCU104``): the build folder's name.
+
+    A name the catalogue does not know (a board file since removed) is returned as given, so
+    that an existing build folder of that name can still be found."""
+    try:
+        return get_board(name, boards_dir).name
+    except BoardError:
+        return name.strip()
 
 
 def boards_table(boards: dict[str, Board]) -> str:

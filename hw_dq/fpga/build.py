@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from hw_dq.errors import HwDqError
+from hw_dq.errors import BuildError, HwDqError
 from hw_dq.fpga import finn_compat, folding
 from hw_dq.fpga.boards import Board, get_board
-from hw_dq.fpga.report import ESTIMATED, finish_build
+from hw_dq.fpga.report import ESTIMATED, BuildOutcome, finish_build
+from hw_dq.run import SAMPLE_INPUT, SAMPLE_OUTPUT, Run
 
 QUANT_OPS = ("Quant", "BipolarQuant", "BinaryQuant", "Trunc", "MultiThreshold")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -41,19 +42,6 @@ ESTIMATE_STEPS = (
     "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
     "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
 )  # fmt: skip
-BITSTREAM_STEPS = [
-    "step_assign_ddr_weight_offsets", "step_generate_hardware", "step_create_stitched_ip",
-    "step_measure_rtlsim_performance", "step_prepare_synthesis", "step_synthesize_bitfile",
-    "step_make_driver", "step_deployment_package",
-]  # fmt: skip
-HW_ATTRS = [
-    "PE", "SIMD", "parallel_window", "ram_style", "ram_style_thresholds", "resType", "mem_mode",
-    "runtime_writeable_weights", "depth", "impl_style", "preferred_impl_style",
-]  # fmt: skip
-
-
-class BuildError(HwDqError):
-    """The model cannot be built by FINN (not QONNX, float, unmappable, does not streamline)."""
 
 
 # ---------------------------------------------------------------- input validation
@@ -254,8 +242,12 @@ def build_model(
     sample_output: str | Path | None = None,
     n_verify: int = 4,
     progress: bool = False,
+    folding_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build one QONNX model for ``board``; returns (and writes) the report.
+
+    ``folding_config``: a FINN folding JSON (e.g. an edited ``folding_config.json`` of an earlier
+    build) used instead of the folding search.
 
     FINN's console chatter (prints, warnings) goes to ``BUILD_DIR/finn/build.log``.
     """
@@ -263,6 +255,9 @@ def build_model(
     import io
     import warnings
 
+    fold_cfg = folding.read_folding_config(folding_config) if folding_config is not None else None
+    if fold_cfg is not None and (fit or target_fps is not None):
+        raise BuildError("--folding-config sets the folding itself; drop --fit / --target-fps")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -270,7 +265,7 @@ def build_model(
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             warnings.simplefilter("ignore")
             return _build_model(onnx_path, board, out, target_fps, fit, clock_mhz, sample_input, sample_output,
-                                n_verify, progress)  # fmt: skip
+                                n_verify, progress, (str(folding_config), fold_cfg) if fold_cfg else None)  # fmt: skip
     finally:
         (out / "finn").mkdir(parents=True, exist_ok=True)
         (out / "finn" / "build.log").write_text(buf.getvalue())
@@ -278,7 +273,7 @@ def build_model(
 
 def _build_model(
     onnx_path: Any, board: Board, out: Path, target_fps: float | None, fit: bool, clock_mhz: float | None,
-    sample_input: Any, sample_output: Any, n_verify: int, progress: bool,
+    sample_input: Any, sample_output: Any, n_verify: int, progress: bool, user_folding: tuple[str, dict] | None,
 ) -> dict[str, Any]:  # fmt: skip
     import sys
 
@@ -297,9 +292,7 @@ def _build_model(
 
     vsteps = [bc.VerificationStepType.QONNX_TO_FINN_PYTHON, bc.VerificationStepType.TIDY_UP_PYTHON,
               bc.VerificationStepType.STREAMLINED_PYTHON]  # fmt: skip
-    cfg = _finn_config(
-        board, out / "finn", clk, out / "sample_input.npy", out / "sample_output.npy", verify_steps=vsteps
-    )
+    cfg = _finn_config(board, out / "finn", clk, out / SAMPLE_INPUT, out / SAMPLE_OUTPUT, verify_steps=vsteps)
     timings: dict[str, float] = {}
     hw_check = ""
     for name in ESTIMATE_STEPS:
@@ -323,7 +316,10 @@ def _build_model(
     verification = _check_verification(cfg, [v.value for v in vsteps])
     verification["hw_layers_python"] = hw_check
     ts = time.time()
-    if fit or target_fps is None:
+    if user_folding is not None:
+        chosen = folding.apply_folding_config(model, cfg, user_folding[1], board, user_folding[0])
+        mode = "folding_config"
+    elif fit or target_fps is None:
         chosen = folding.search_fit(model, cfg, board)
         mode = "fit"
     else:
@@ -332,12 +328,11 @@ def _build_model(
     timings["folding"] = round(time.time() - ts, 2)
     model = steps.step_generate_estimate_reports(chosen["model"], cfg)
     est = folding.estimate(model, board.part, cfg.synth_clk_period_ns)
-    return finish_build(
+    return finish_build(BuildOutcome(
         model=model, cfg=cfg, board=board, out=out, chosen=chosen, est=est, fits=folding.fits(est["total"], board),
-        mode=mode, target_fps=target_fps,
-        clock_mhz=clk, verification=verification, timings=timings, tools=tools, started=t0,
-        bitstream_steps=BITSTREAM_STEPS, hw_attrs=HW_ATTRS,
-    )  # fmt: skip
+        mode=mode, clock_mhz=clk, tools=tools, started=t0, target_fps=target_fps, verification=verification,
+        timings=timings,
+    ))  # fmt: skip
 
 
 def _verification_vectors(
@@ -356,8 +351,8 @@ def _verification_vectors(
             raise BuildError(f"the model's input shape {shape} does not take the sample images {list(x.shape[1:])}")
         vin = to_uint8(x)
         vout = execute(model, vin)
-    np.save(out / "sample_input.npy", vin.astype(np.float32))
-    np.save(out / "sample_output.npy", vout.astype(np.float32))
+    np.save(out / SAMPLE_INPUT, vin.astype(np.float32))
+    np.save(out / SAMPLE_OUTPUT, vout.astype(np.float32))
     return vin.astype(np.float32), vout.astype(np.float32)
 
 
@@ -371,9 +366,10 @@ def build_run(
     out: str | Path | None = None,
     boards_dir: str | Path | None = None,
     progress: bool = False,
+    folding_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build a run directory (exporting it first if needed) or a bare QONNX file for ``board``."""
-    from hw_dq.fpga.export import EXPORT_DIR, QONNX_FILE, export_run
+    from hw_dq.fpga.export import export_run
 
     b = get_board(board, boards_dir)
     src = Path(run_dir)
@@ -381,16 +377,16 @@ def build_run(
         onnx_path, vin, vout = src, None, None
         default_out = src.parent / f"build_{src.stem}_{b.name}"
     else:
-        exp = src / EXPORT_DIR
-        if not (exp / QONNX_FILE).is_file():
+        run = Run(src).require()
+        if not run.qonnx.is_file():
             if progress:
                 print("no export yet: exporting (logits head) ...", flush=True)
             export_run(src)
-        onnx_path, vin, vout = exp / QONNX_FILE, exp / "sample_input.npy", exp / "sample_output.npy"
-        default_out = src / "build" / b.name
+        onnx_path, vin, vout = run.qonnx, run.sample_inputs, run.sample_outputs
+        default_out = run.build_dir(b.name, boards_dir)
     return build_model(
         onnx_path, b, Path(out) if out else default_out, target_fps=target_fps, fit=fit,
-        clock_mhz=clock_mhz, sample_input=vin, sample_output=vout, progress=progress,
+        clock_mhz=clock_mhz, sample_input=vin, sample_output=vout, progress=progress, folding_config=folding_config,
     )  # fmt: skip
 
 

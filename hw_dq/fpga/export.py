@@ -27,18 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from hw_dq import run as rd
-from hw_dq.errors import HwDqError
+from hw_dq.errors import ExportError, HwDqError
+from hw_dq.run import EXPORT_DIR, QONNX_FILE, SAMPLE_INPUT, SAMPLE_OUTPUT, Run
 
-EXPORT_DIR = "export"
-QONNX_FILE = "qonnx.onnx"
 HEADS = ("logits", "label")
-
-
-class ExportError(HwDqError):
-    """The model cannot be exported, or the export does not reproduce the PyTorch model."""
+__all__ = ["EXPORT_DIR", "QONNX_FILE", "ExportError", "ExportResult", "export_model", "export_run"]
 
 
 @dataclass(frozen=True)
@@ -218,36 +214,34 @@ def export_model(
         )
     qpath = out / QONNX_FILE
     final.save(str(qpath))
-    np.save(out / "sample_input.npy", xu8)
-    np.save(out / "sample_output.npy", expected.astype(np.float32))
+    np.save(out / SAMPLE_INPUT, xu8)
+    np.save(out / SAMPLE_OUTPUT, expected.astype(np.float32))
     qcdq_path = None
     if qcdq:
         qcdq_path = out / "qcdq.onnx"
         _quiet_export(model, images[:1], qcdq_path, qcdq=True)
-    return ExportResult(qpath, qcdq_path, out / "sample_input.npy", out / "sample_output.npy", eq)
+    return ExportResult(qpath, qcdq_path, out / SAMPLE_INPUT, out / SAMPLE_OUTPUT, eq)
 
 
-def sample_images(cfg: dict[str, Any], n: int) -> torch.Tensor:
-    """``n`` real test images of the run's dataset (the embedded sample by default)."""
+def sample_images(run: Run | None, n: int) -> torch.Tensor:
+    """``n`` real test images of the run's dataset; the embedded sample for no run, or when the
+    run's data is not on this machine (the images only check the export)."""
     from hw_dq.data import load_split
 
-    train_cfg = cfg.get("train", cfg)
-    name = train_cfg.get("data", "sample") if isinstance(train_cfg, dict) else "sample"
-    try:
-        ds = load_split(name, "test", train_cfg.get("data_dir"))
-    except HwDqError:
-        ds = load_split("sample", "test")
-    x, _ = ds.take(n).tensors()
-    return x
+    if run is not None:
+        try:
+            return run.test_set(n, 0).tensors()[0]
+        except HwDqError:
+            pass
+    return load_split("sample", "test").take(n, 0).tensors()[0]
 
 
-def export_run(run_dir: str | Path, head: str = "logits", qcdq: bool = False, n: int = 32) -> ExportResult:
-    """Export a run directory's model to ``RUN_DIR/export`` (see the module docstring)."""
+def export_run(
+    run_dir: str | Path, head: str = "logits", qcdq: bool = False, n: int = 32, out: str | Path | None = None
+) -> ExportResult:
+    """Export a run directory's model to ``out`` (default ``RUN_DIR/export``; see the module docstring)."""
     if n < 1:
         raise ExportError(f"invalid --n {n}: need at least one test image")
-    model, cfg = rd.load_model(run_dir)
-    return export_model(model, Path(run_dir) / EXPORT_DIR, sample_images(cfg, n), head=head, qcdq=qcdq)
-
-
-def onnx_dtype_name(elem_type: int) -> str:
-    return TensorProto.DataType.Name(elem_type)
+    run = Run(run_dir)
+    model = run.model()
+    return export_model(model, Path(out) if out else run.export_dir, sample_images(run, n), head=head, qcdq=qcdq)

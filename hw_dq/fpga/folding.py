@@ -1,17 +1,22 @@
-"""Folding search for ``hw-dq build --fit``: the fastest FINN folding that fits a board.
+"""Folding for ``hw-dq build``: the fastest FINN folding that fits a board (``--fit``), or a user's own.
 
 Every figure is FINN's own: SetFolding chooses PE/SIMD for a cycles target, FINN's per-node
 resource estimate prices it, and memories/multipliers are moved between BRAM, LUTRAM and
 DSPs (FINN node attributes) where the estimate exceeds one of the board's limits.
+``--folding-config FILE`` takes a hand-edited ``folding_config.json`` back (checked, then FINN's
+ApplyConfig).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+from hw_dq.errors import BuildError
 from hw_dq.fpga import finn_compat
 from hw_dq.fpga.boards import Board
 from hw_dq.fpga.report import ESTIMATED
@@ -154,3 +159,69 @@ def search_fit(model: Any, cfg: Any, board: Board, wwidths: tuple[int, ...] = FI
         best = fold(model, cfg, 10**9, wwidths[0], board)
     best["search"] = evaluated
     return best
+
+
+def read_folding_config(path: str | Path) -> dict[str, Any]:
+    """A hand-edited FINN folding JSON (``{node name: {attribute: value}}``, optional ``Defaults``),
+    checked for shape; one-line errors naming the file and the bad entry."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise BuildError(f"folding config {p} cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BuildError(
+            f"folding config {p} is not valid JSON ({e}); FINN writes one as folding_config.json"
+        ) from None
+    if not isinstance(data, dict):
+        raise BuildError(f"folding config {p}: expected a JSON object of node name -> attributes")
+    for name, attrs in data.items():
+        if name == "Defaults":
+            ok = isinstance(attrs, dict) and all(isinstance(v, list) and len(v) % 2 == 0 for v in attrs.values())
+            if not ok:
+                raise BuildError(f"folding config {p}: 'Defaults' must map attribute -> [value, [op types], ...]")
+            continue
+        if not isinstance(attrs, dict):
+            raise BuildError(f"folding config {p}: entry {name!r} must be an object of attribute -> value")
+    return data
+
+
+def apply_folding_config(model: Any, cfg: Any, config: dict[str, Any], board: Board, source: str) -> dict[str, Any]:
+    """Fold ``model`` as a user's FINN folding config says (FINN's ApplyConfig), after checking that
+    every node and attribute it names exists and that PE/SIMD divide the node's dimensions."""
+    from finn.builder import build_dataflow_steps as steps
+    from finn.transformation.general import ApplyConfig
+    from qonnx.custom_op.registry import getCustomOp
+    from qonnx.transformation.general import GiveUniqueNodeNames
+
+    m = copy.deepcopy(model).transform(GiveUniqueNodeNames())
+    nodes = {n.name: n for n in m.graph.node}
+    for name, attrs in config.items():
+        if name == "Defaults":
+            continue
+        if name not in nodes:
+            have = ", ".join(sorted(nodes)[:6])
+            raise BuildError(f"folding config {source}: no node {name!r} in this model (nodes: {have}, ...)")
+        types = getCustomOp(nodes[name]).get_nodeattr_types()
+        for attr in attrs:
+            if attr not in types:
+                raise BuildError(f"folding config {source}: node {name} has no attribute {attr!r}")
+    m = m.transform(ApplyConfig(config))
+    for node in m.graph.node:
+        if node.op_type.startswith("MVAU"):
+            inst = getCustomOp(node)
+            mw, mh, simd, pe = (inst.get_nodeattr(a) for a in ("MW", "MH", "SIMD", "PE"))
+            if mh % pe or mw % simd:
+                raise BuildError(
+                    f"folding config {source}: {node.name} needs PE dividing {mh} and SIMD dividing {mw} "
+                    f"(got PE={pe}, SIMD={simd})"
+                )
+    m = steps.step_minimize_bit_width(m, cfg)
+    finn_compat.keep_bipolar_weights(m)
+    m = steps.step_transpose_decomposition(m, cfg)
+    try:
+        est = estimate(m, cfg.fpga_part, cfg.synth_clk_period_ns)
+    except (AssertionError, ValueError, ZeroDivisionError) as e:
+        why = str(e) or type(e).__name__
+        raise BuildError(f"folding config {source}: FINN cannot estimate the folded model ({why})") from None
+    return {"model": m, "placement": [], "folding_config": source, **est}

@@ -13,29 +13,58 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hw_dq import run as rd
+from hw_dq.errors import BuildError
 from hw_dq.fpga.boards import Board
 
 ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")  # FINN's analytical estimate has no FF figure
+# FINN steps that continue the folded model to a bitfile, driver and deployment package
+BITSTREAM_STEPS = [
+    "step_assign_ddr_weight_offsets", "step_generate_hardware", "step_create_stitched_ip",
+    "step_measure_rtlsim_performance", "step_prepare_synthesis", "step_synthesize_bitfile",
+    "step_make_driver", "step_deployment_package",
+]  # fmt: skip
+# node attributes saved in folding_config.json (what a user edits and feeds back with --folding-config)
+HW_ATTRS = [
+    "PE", "SIMD", "parallel_window", "ram_style", "ram_style_thresholds", "resType", "mem_mode",
+    "runtime_writeable_weights", "depth", "impl_style", "preferred_impl_style",
+]  # fmt: skip
 
 
-def finish_build(
-    *, model: Any, cfg: Any, board: Board, out: Path, chosen: dict[str, Any], est: dict[str, Any],
-    fits: dict[str, bool], mode: str, target_fps: float | None, clock_mhz: float,
-    verification: dict[str, str], timings: dict[str, float], tools: Any, started: float,
-    bitstream_steps: list[str], hw_attrs: list[str],
-) -> dict[str, Any]:  # fmt: skip
+@dataclass
+class BuildOutcome:
+    """What the build stage hands to :func:`finish_build`: the folded model and how it was made."""
+
+    model: Any  # the folded qonnx ModelWrapper, estimate reports attached
+    cfg: Any  # FINN's DataflowBuildConfig of the estimate steps
+    board: Board
+    out: Path
+    chosen: dict[str, Any]  # the folding chosen (search log, memory placement)
+    est: dict[str, Any]  # folding.estimate(): per-layer and total resources, cycles
+    fits: dict[str, bool]
+    mode: str  # "fit", "target_fps" or "folding_config"
+    clock_mhz: float
+    tools: Any  # finn_compat.ToolReport
+    started: float  # time.time() at the start of the build
+    target_fps: float | None = None
+    verification: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def finish_build(b: BuildOutcome) -> dict[str, Any]:
     """Write the build folder (model, folding, FINN continuation config, report) and return the report."""
     from finn.util.config import extract_model_config_to_json
 
-    model.save(str(out / "dataflow_model.onnx"))
+    model, cfg, board, out, est = b.model, b.cfg, b.board, b.out, b.est
+    model.save(str(out / rd.DATAFLOW_MODEL))
     parent = Path(cfg.get_intermediate_models_directory()) / "dataflow_parent.onnx"
     if parent.is_file():
         shutil.copyfile(parent, out / "dataflow_parent.onnx")
-    extract_model_config_to_json(model, str(out / "folding_config.json"), hw_attrs)
+    extract_model_config_to_json(model, str(out / "folding_config.json"), HW_ATTRS)
     perf = json.loads((Path(cfg.get_report_directory()) / "estimate_network_performance.json").read_text())
     cap = board.resources
     util = {k: est["total"][k] / cap[k] if cap[k] else (0.0 if est["total"][k] == 0 else math.inf) for k in ESTIMATED}
@@ -43,22 +72,23 @@ def finish_build(
         {"layer": n, "cycles": int(est["cycles"].get(n, 0)), **{k: float(r.get(k, 0)) for k in ESTIMATED}}
         for n, r in est["layers"].items()
     ]
-    cont = _continuation_config(cfg, board, out, bitstream_steps)
+    cont = _continuation_config(cfg, board, out, BITSTREAM_STEPS)
+    chosen, fits = b.chosen, b.fits
     command = f"cd {out.resolve()} && finn build build_config.json dataflow_model.onnx"
     report = {
-        "board": board.to_dict(), "clock_mhz": clock_mhz, "folding": mode, "target_fps": target_fps,
+        "board": board.to_dict(), "clock_mhz": b.clock_mhz, "folding": b.mode, "target_fps": b.target_fps,
         "fps": float(perf["estimated_throughput_fps"]), "latency_us": float(perf["estimated_latency_ns"]) / 1000.0,
         "max_cycles": int(perf["max_cycles"]), "bottleneck": str(perf["max_cycles_node_name"]),
         "total": est["total"], "capacity": cap, "limits": board.limits(), "utilisation": util,
         "fits": all(fits.values()), "fits_by_resource": fits,
         "FF": "not estimated by FINN's analytical model (checked by Vivado synthesis)",
-        "layers": layers, "verification": verification, "fit_search": chosen.get("search", []),
+        "layers": layers, "verification": b.verification, "fit_search": chosen.get("search", []),
         "mvau_wwidth_max": chosen.get("mvau_wwidth_max"), "memory_placement": chosen.get("placement", []),
-        "swg_ram_style": chosen.get("swg_ram_style") or "default", "tools": tools.to_dict(), "tools_line": tools.line(),
-        "bitstream_command": command, "build_dir": str(out), "step_seconds": timings,
-        "wall_seconds": round(time.time() - started, 1),
+        "swg_ram_style": chosen.get("swg_ram_style") or "default", "tools": b.tools.to_dict(),
+        "tools_line": b.tools.line(), "bitstream_command": command, "build_dir": str(out), "step_seconds": b.timings,
+        "wall_seconds": round(time.time() - b.started, 1),
     }  # fmt: skip
-    if tools.has_vivado:
+    if b.tools.has_vivado:
         report["bitstream"] = _run_bitstream(out, cont)
     rd.write_json(out / "report.json", report)
     rd.write_text(out / "report.md", report_markdown(report))
@@ -72,7 +102,7 @@ def _continuation_config(cfg: Any, board: Board, out: Path, bitstream_steps: lis
         "fpga_part": board.part, "shell_flow_type": board.shell_flow, "steps": bitstream_steps,
         "generate_outputs": ["stitched_ip", "rtlsim_performance", "bitfile", "pynq_driver", "deployment_package"],
         "folding_config_file": "folding_config.json", "verify_steps": ["stitched_ip_rtlsim"],
-        "verify_input_npy": "sample_input.npy", "verify_expected_output_npy": "sample_output.npy",
+        "verify_input_npy": rd.SAMPLE_INPUT, "verify_expected_output_npy": rd.SAMPLE_OUTPUT,
         "auto_fifo_depths": True, "save_intermediate_models": True,
     }  # fmt: skip
     if board.vitis_platform:
@@ -92,8 +122,6 @@ def _run_bitstream(out: Path, cont: dict[str, Any]) -> dict[str, Any]:
 
     from finn.builder.build_dataflow import build_dataflow_cfg
     from finn.builder.build_dataflow_config import DataflowBuildConfig
-
-    from hw_dq.fpga.build import BuildError
 
     here = os.getcwd()
     try:
