@@ -1,6 +1,9 @@
+"""Shared test helpers: the CLI as a user runs it, the one-line error check, tiny runs, the v1 fixture."""
+
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURE_RUN = ROOT / "tests" / "fixtures" / "run_v1"  # written by the pre-refactor code; read-only
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +40,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert lines[0].startswith("hw-dq: error: "), lines[0]
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def copy_fixture_run(tmp_path: Path) -> Path:
+    """A writable copy of the committed v1 run directory (tests must never write into the fixture)."""
+    return Path(shutil.copytree(FIXTURE_RUN, tmp_path / "run_v1"))
+
+
+def train_tiny(out: Path, wbits: int | str = 2, abits: int | str = 2, n: int = 256) -> Path:
+    """A tiny model trained for one epoch on ``n`` sample images (about 10 s on 2 cores)."""
+    from hw_dq.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(model="tiny", wbits=wbits, abits=abits, epochs=1, batch_size=64, train_subset=n, test_subset=32)
+    train(cfg, out, progress=False)
+    return out

@@ -14,8 +14,7 @@ from onnx import TensorProto, helper
 from benchmarks.fpga_fit import lively  # one helper for the benchmark and the test
 from hw_dq.fpga.boards import load_board_file
 from hw_dq.nn.quant import QuantSpec
-from tests.conftest import assert_one_line_error, run_cli
-from tests.test_export import train_tiny
+from tests.conftest import assert_one_line_error, run_cli, train_tiny
 
 ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")
 

@@ -56,3 +56,64 @@ def test_configs_lists_shipped_configs():
     proc = run_cli("configs")
     assert proc.returncode == 0
     assert "cnv_cpu" in proc.stdout and "wrn28_10_paper" in proc.stdout and "demo" in proc.stdout
+
+
+def test_version_matches_the_package():
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    proc = run_cli("--version")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hw-dq {version}"
+
+
+def test_every_help_shows_the_defaults():
+    """Each option with a default (numbers, names; not None or an off flag) shows it in --help."""
+    import argparse
+
+    from hw_dq.cli.main import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = []
+    for verb, sub in verbs.items():
+        text = " ".join(sub.format_help().split())
+        for act in sub._actions:
+            d = act.default
+            if not act.option_strings or d is None or d is False or d == argparse.SUPPRESS or act.dest == "help":
+                continue
+            shown = d if not isinstance(d, list) else d[0]
+            forms = {f"default: {shown}", f"default {shown}"}
+            if isinstance(shown, float):
+                forms |= {f"default: {shown:g}", f"default {shown:g}"}
+            if not any(f in text for f in forms):
+                missing.append(f"{verb} {act.option_strings[0]} ({d!r})")
+    assert not missing, missing
+
+
+def test_export_out_and_quiet_leave_the_run_untouched(tmp_path):
+    """`export --out DIR` writes there (not into the run), and --quiet prints nothing."""
+    from tests.conftest import FIXTURE_RUN, copy_fixture_run
+
+    run = copy_fixture_run(tmp_path)
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "exp"), "--n", "4", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and (tmp_path / "exp" / "qonnx.onnx").is_file()
+    assert not (run / "export").exists() and not (FIXTURE_RUN / "export").exists()
+
+
+def test_folding_config_file_errors_are_one_line_and_early(tmp_path):
+    from tests.conftest import copy_fixture_run
+
+    run = copy_fixture_run(tmp_path)
+    bad = tmp_path / "fold.json"
+    bad.write_text('{"MVAU_hls_0": {"PE": 4}')
+    assert_one_line_error(run_cli("build", str(run), "--board", "pynq-z1", "--folding-config", str(bad)),
+                          "folding config", "not valid JSON")  # fmt: skip
+    bad.write_text('{"MVAU_hls_0": 4}')
+    assert_one_line_error(run_cli("build", str(run), "--board", "pynq-z1", "--folding-config", str(bad)),
+                          "entry 'MVAU_hls_0' must be an object")  # fmt: skip
+    assert_one_line_error(run_cli("build", str(run), "--board", "pynq-z1", "--folding-config", str(bad), "--fit"),
+                          "not allowed with argument")  # fmt: skip
+    assert not (run / "export").exists()  # nothing was exported or built

@@ -11,14 +11,7 @@ import torch
 
 from hw_dq.fpga.export import ExportError, export_model, export_run, sample_images
 from hw_dq.nn.models import create_model
-from hw_dq.train.loop import TrainConfig, train
-from tests.conftest import assert_one_line_error, run_cli
-
-
-def train_tiny(out: Path, wbits: int | str = 2, abits: int | str = 2, n: int = 256) -> Path:
-    cfg = TrainConfig(model="tiny", wbits=wbits, abits=abits, epochs=1, batch_size=64, train_subset=n, test_subset=32)
-    train(cfg, out, progress=False)
-    return out
+from tests.conftest import assert_one_line_error, run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,40 @@ from hw_dq.errors import HwDqError
 EXIT_USAGE = 2
 # Each later pipeline stage adds its verbs in its own module: register(subparsers) adds
 # sub-parsers whose ``func(args) -> int`` raises HwDqError for user errors.
-VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval", "hw_dq.cli.faults")
+VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval")
+
+
+def _no_default(action: argparse.Action) -> bool:
+    """Nothing worth showing: no default, or a flag's False (0 is a default worth showing)."""
+    return action.default is None or action.default is False or action.default == argparse.SUPPRESS
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in ``--help``, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default[0] if isinstance(action.default, list) and len(action.default) == 1 else action.default
+        said = {f"default: {d}", f"default {d}"} | (
+            {f"default {d:g}", f"default: {d:g}"} if isinstance(d, float) else set()
+        )
+        if _no_default(action) or "%(default)" in text or any(s in text for s in said):
+            return text  # nothing to show, or the help already states it
+        return super()._get_help_string(action) or text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and not _no_default(action):
+            action.help = "default: %(default)s"  # an option without help text still shows its default
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong and where to look)."""
+    """argparse, but a usage error is one line (what is wrong and where to look), and every
+    ``--help`` shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"hw-dq: error: {message} (see '{self.prog} --help')\n")
@@ -104,7 +133,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from hw_dq.experiments.demo import run_demo
 
-    run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet, fpga=not a.no_fpga)
+    run_demo(a.out, epochs=a.epochs, n_eval=a.n, seed=a.seed, progress=not a.quiet, fpga=not a.no_fpga, device=a.device)
     return 0
 
 
@@ -126,7 +155,10 @@ def cmd_configs(_a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hw_dq import __version__
+
     p = _Parser(prog="hw-dq", description="Defensive Quantization for FPGAs: train, attack, export, build.")
+    p.add_argument("--version", action="version", version=f"hw-dq {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="quantization-aware training (FP / VQ / DQ)")
     _add_train_args(t)
@@ -137,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=500, help="test images to evaluate")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-fpga", action="store_true", help="skip the QONNX export, FINN build and hardware attacks")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--device", default="auto", help="auto (the GPU where PyTorch sees one), cpu, cuda, cuda:1 ...")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=cmd_demo)
     lp = sub.add_parser("lipschitz", help="per-layer operator norms (BN folded) of a trained run")
     lp.add_argument("run_dir")

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from hw_dq import run as rd
-from hw_dq.data import load_split
 from hw_dq.errors import ConfigError
 from hw_dq.robust.attacks import clean_accuracy, robust_accuracy
 from hw_dq.robust.sanity import SanityConfig, run_checks
+from hw_dq.run import Run
 from hw_dq.train.config import load_config
 from hw_dq.train.loop import TrainConfig, train
 
@@ -36,11 +36,11 @@ HW_EPS = 8.0
 def _fpga_columns(run: Path, x: Any, y: Any, n_hw: int, seed: int) -> dict[str, Any]:
     """Export + FINN build for the demo board, then attacks on the simulated accelerator."""
     from hw_dq.fpga.build import demo_summary
-    from hw_dq.fpga.hwattack import agreement, attack_hw, find_build, load_simulator
+    from hw_dq.fpga.hwattack import agreement, attack_hw, load_simulator
 
     rep = demo_summary(run, DEMO_BOARD)
-    model, _ = rd.load_model(run)
-    sim = load_simulator(find_build(run, DEMO_BOARD))
+    model = Run(run).model()
+    sim = load_simulator(Run(run).find_build(DEMO_BOARD))
     xs, ys = x[:n_hw].numpy(), y[:n_hw].numpy()
     ag = agreement(model, sim, xs, ys)
     tr = attack_hw("transfer-pgd", model, sim, xs, ys, HW_EPS, seed=seed, steps=10)
@@ -69,21 +69,27 @@ def run_demo(
     progress: bool = True,
     fpga: bool = True,
     n_hw: int = 200,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Train VQ and DQ, evaluate, print a table; returns the summary (also in summary.json)."""
+    """Train VQ and DQ, evaluate, print a table; returns the summary (also in summary.json).
+
+    ``device``: where training runs (the demo config's when None); evaluation runs on the CPU."""
     base: TrainConfig = load_config("demo")
-    base = replace(base, seed=seed, epochs=epochs or base.epochs)
+    base = replace(base, seed=seed, epochs=epochs or base.epochs, device=device or base.device)
     out = Path(out)
     variants = {"VQ": replace(base, beta=0.0), "DQ": replace(base, beta=beta)}
-    test = load_split(base.data, "test").take(n_eval, seed)
-    x, y = test.tensors()
     rows = []
     for name, cfg in variants.items():
         run = out / name.lower()
-        if (run / rd.CONFIG).is_file() and rd.read_json(run / rd.CONFIG).get("train") != asdict(cfg):
+        want = {k: v for k, v in asdict(cfg).items() if k != "device"}  # where it trains is not a setting
+        have = (
+            {k: v for k, v in Run(run).train_settings.items() if k != "device"} if (run / rd.CONFIG).is_file() else want
+        )
+        if have != want:
             raise ConfigError(f"{run} holds a run with other settings; delete it or pass another --out")
         train(cfg, run, resume=True, progress=progress)
-        model, _ = rd.load_model(run)
+        model = Run(run).model()
+        x, y = Run(run).test_set(n_eval, seed).tensors()  # the same images for both variants
         lip = rd.read_json(run / "lipschitz.json")
         row: dict[str, Any] = {
             "variant": name,

@@ -372,6 +372,8 @@ def build_run(
     from hw_dq.fpga.export import export_run
 
     b = get_board(board, boards_dir)
+    if folding_config is not None:  # a malformed file fails before anything is exported or built
+        folding.read_folding_config(folding_config)
     src = Path(run_dir)
     if src.suffix == ".onnx" or src.is_file():
         onnx_path, vin, vout = src, None, None
