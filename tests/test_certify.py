@@ -1,0 +1,142 @@
+"""Interval certification of the accelerator is sound: no point, attack or layer escapes its bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+
+from hw_dq.data import load_split
+from hw_dq.fpga.build import build_run
+from hw_dq.fpga.certify import CertifyError, IntervalCertifier
+from hw_dq.fpga.hwattack import craft, find_build, load_simulator, uint8_grid
+from hw_dq.fpga.sim import HwSimulator
+from hw_dq.run import load_model
+from hw_dq.train.loop import TrainConfig, train
+
+N = 200
+COMMON = dict(model="tiny", train_subset=4000, test_subset=200, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    """A w2a2 tiny model fine-tuned from a short float run (from scratch it stays near chance,
+    which would leave almost nothing to certify), built through FINN for the Pynq-Z1."""
+    root = tmp_path_factory.mktemp("cert")
+    train(TrainConfig(**COMMON, wbits=None, abits=None, epochs=3, lr=0.05), root / "fp", progress=False)
+    run = root / "w2a2"
+    train(TrainConfig(**COMMON, wbits=2, abits=2, epochs=2, lr=0.01, init_from=str(root / "fp")), run, progress=False)
+    build_run(run, "Pynq-Z1", target_fps=1000)
+    return run
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_build):
+    sim = load_simulator(find_build(tiny_build))
+    x, y = (t.numpy() for t in load_split("sample", "test").take(N, seed=1).tensors())
+    return sim, IntervalCertifier(sim), uint8_grid(x), y
+
+
+def _labels(sim: HwSimulator, xu: np.ndarray) -> np.ndarray:
+    return sim(xu.astype(np.float32)).numpy().reshape(len(xu), -1).argmax(1)
+
+
+def test_eps0_certifies_exactly_the_correct_images(setup):
+    sim, cert, xu, y = setup
+    correct = _labels(sim, xu) == y
+    assert correct.sum() >= 40, "the fixture model should classify a fair share correctly"
+    assert np.array_equal(cert.certify(xu, y, 0).certified, correct)
+
+
+def test_certified_sets_shrink_with_eps_and_differences_help(setup):
+    _, cert, xu, y = setup
+    sets = [cert.certify(xu, y, e).certified for e in (0, 1, 2, 4)]
+    for big, small in zip(sets, sets[1:], strict=False):
+        assert not (small & ~big).any(), "a larger box certified an image a smaller one did not"
+    assert sets[1].sum() > 0, "nothing certified at 1/255: the soundness tests below would be vacuous"
+    tail, cert.tail = cert.tail, None  # per-logit bounds only
+    try:
+        plain = cert.certify(xu, y, 1).certified
+    finally:
+        cert.tail = tail
+    assert tail is not None and not (plain & ~sets[1]).any() and plain.sum() <= sets[1].sum()
+
+
+def test_random_points_and_corners_never_break_a_certified_image(setup):
+    sim, cert, xu, y = setup
+    eps = 2
+    ok = cert.certify(xu, y, eps).certified
+    idx = np.nonzero(ok)[0]
+    assert len(idx) >= 5
+    rng = np.random.default_rng(0)
+    reps = 24
+    base = np.repeat(xu[idx], reps, axis=0)
+    noise = rng.integers(-eps, eps + 1, size=base.shape)
+    corner = rng.choice([-eps, eps], size=base.shape)  # box corners: where linear bounds are attained
+    for delta in (noise, corner):
+        pts = np.clip(base + delta, 0, 255).astype(np.float32)
+        assert (_labels(sim, pts) == np.repeat(y[idx], reps)).all()
+
+
+def test_attacks_on_the_accelerator_never_break_a_certified_image(setup, tiny_build):
+    sim, cert, xu, y = setup
+    eps = 2
+    x01 = xu / 255.0
+    ok = cert.certify(xu, y, eps).certified
+    model, _ = load_model(tiny_build)
+    clean = _labels(sim, xu) == y
+    for attack in ("square", "transfer-pgd"):
+        adv, _ = craft(attack, model, sim, x01.astype(np.float32), y, float(eps), seed=0, steps=10, queries=150)
+        adv_u = uint8_grid(adv)
+        assert np.abs(adv_u - xu).max() <= eps
+        robust = clean & (_labels(sim, adv_u) == y)
+        assert not (ok & ~robust).any(), f"{attack} broke a certified image"
+        assert ok.mean() <= robust.mean()
+
+
+def test_bounds_contain_the_simulators_values_at_every_layer(setup):
+    sim, cert, xu, _ = setup
+    eps, n = 3, 16
+    bounds = cert.bounds(xu[:n], eps, keep=True)
+    rng = np.random.default_rng(1)
+    checked = set()
+    for _ in range(3):
+        pts = np.clip(xu[:n] + rng.integers(-eps, eps + 1, size=xu[:n].shape), 0, 255).astype(np.float32)
+        ctx = sim.run(pts, keep=True)
+        for name, (lo, hi) in bounds.items():
+            if name not in ctx:
+                continue
+            v = ctx[name].reshape(lo.shape)
+            assert (lo <= v).all() and (v <= hi).all(), f"{name} escapes its bounds"
+            checked.add(name)
+    thresholded = [s.name for s in sim.steps if len(s.inputs) > 2]
+    assert len(checked) >= 6 and all(s.outputs[0] in checked for s in sim.steps if s.name in thresholded)
+    lo, hi = bounds[sim.output_name]
+    assert (hi > lo).any(), "the output bounds collapsed to points: the check would be vacuous"
+
+
+def _tiny_graph(op: str, second_is_const: bool) -> ModelWrapper:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    inits = [helper.make_tensor("c", TensorProto.FLOAT, [1, 4], [1.0, -2.0, 0.5, 3.0])] if second_is_const else []
+    node = helper.make_node(op, ["x", "c" if second_is_const else "x"], ["y"], name=f"{op}_0")
+    m = ModelWrapper(helper.make_model(helper.make_graph([node], "g", [x], [out], initializer=inits)))
+    m.set_tensor_datatype("x", DataType["UINT8"])
+    return m
+
+
+def test_uncovered_op_and_bad_eps_are_one_line_errors(setup):
+    with pytest.raises(CertifyError, match=r"Mul_0 \(Mul\) has no interval semantics"):
+        IntervalCertifier(HwSimulator(_tiny_graph("Mul", second_is_const=False)))
+    # the same op by a constant of either sign is covered, and exact at the box's ends
+    cert = IntervalCertifier(HwSimulator(_tiny_graph("Mul", second_is_const=True)))
+    lo, hi = cert.bounds(np.array([[10.0, 10.0, 0.0, 255.0]], np.float32), 2)["y"]
+    assert lo.tolist() == [[8.0, -24.0, 0.0, 759.0]] and hi.tolist() == [[12.0, -16.0, 1.0, 765.0]]
+    _, c, xu, _ = setup
+    for bad in (-1, 256, float("nan")):
+        with pytest.raises(CertifyError, match="invalid eps"):
+            c.box(xu[:2], bad)
