@@ -1,11 +1,24 @@
-"""The Defensive Quantization regulariser and a diagnostic of what it claims to control.
+"""The Defensive Quantization regulariser, Lipschitz constraints, and a diagnostic of what they control.
 
 Regulariser (Lin, Gan, Han 2019): ``(beta / 2) * sum_l ||W_l^T W_l - I||_F^2`` over every
 conv and linear layer, conv weights reshaped to ``out x (in * k * k)``. We use the smaller
 of the two Gram matrices (``W W^T`` when the layer has fewer outputs than inputs): the two
 penalties differ by a constant, so their gradients are equal, and only the smaller one can
 reach zero. ``target="bn_folded"`` applies it to ``diag(gamma / sqrt(var + eps)) W``, the
-operator the layer and its BatchNorm compute at inference (see the README for why).
+operator the layer and its BatchNorm compute at inference (see the README for why);
+``target="act_scaled"`` to ``(r_in / r_out) diag(gamma / sqrt(var + eps)) W``, the same operator
+between the integer codes of the quantized activations around it (r = each activation's range,
+learned or fixed; 1 for the [0, 1] input span and for the logits), so that a layer cannot
+hide its gain in a small output range.
+
+Hard constraints, applied after each optimizer step: :func:`project_` rescales each layer so that
+the spectral norm of its BN-folded (optionally range-scaled) operator is at most ``max_norm``, by
+warm-started power iteration (like ``torch.nn.utils.spectral_norm``, one iteration per step).
+BatchNorm with a bounded gain is a model option (``ModelConfig.bn_gain_max``, see
+:class:`hw_dq.nn.quant.BoundedBatchNorm2d`).
+
+(One module past 400 lines: the regulariser, the projection and the diagnostic share the pairing of
+layers with their BatchNorm and activations, the folded operator and the power iteration.)
 
 Diagnostic: each layer's spectral norm as an operator on its actual input shape (power
 iteration on the convolution, with stride and padding, not on the reshaped matrix), on the
@@ -17,37 +30,54 @@ quantized, BN-folded Brevitas layer, hence the hand-written power iteration.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
+import brevitas.nn as qnn
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-TARGETS = ("weight", "bn_folded")
+from hw_dq.errors import ConfigError
+from hw_dq.nn.quant import act_range
+
+TARGETS = ("weight", "bn_folded", "act_scaled")
 
 
 @dataclass(frozen=True)
 class LayerRef:
-    """A conv/linear layer and the BatchNorm that directly follows it (if any)."""
+    """A conv/linear layer, the BatchNorm that directly follows it (if any), and the quantized
+    activations before and after it (None: the [0, 1] input span, the logits, or full precision)."""
 
     name: str
     layer: nn.Module
     bn: nn.Module | None
+    act_in: nn.Module | None = None
+    act_out: nn.Module | None = None
+
+
+def _is_act(m: nn.Module) -> bool:
+    return act_range(m) is not None or isinstance(m, nn.Hardtanh | nn.ReLU | nn.ReLU6)
 
 
 def lipschitz_layers(model: nn.Module) -> list[LayerRef]:
-    """Every conv/linear layer, paired with the BatchNorm registered right after it."""
+    """Every conv/linear layer, paired with the BatchNorm registered right after it.
+
+    ``act_in`` / ``act_out``: the nearest activation module before / after the layer in registration
+    order, which is the data flow for the chain models (cnv, tiny); models with residual blocks
+    (``lipschitz_bound``) get None (their activation scales are not attributed to layers)."""
     atoms: list[tuple[str, nn.Module]] = []
-    inside = ()  # names of conv/linear layers whose submodules (Brevitas proxies) to skip
+    inside = ()  # names of conv/linear layers and quantized activations whose submodules (proxies) to skip
     for n, m in model.named_modules():
         if inside and n.startswith(inside):
             continue
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv2d | nn.Linear | qnn.QuantReLU | qnn.QuantIdentity):
             atoms.append((n, m))
             inside = (*inside, n + ".")
         elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) or not list(m.children()):
             atoms.append((n, m))
     leaves = atoms
+    chain = not hasattr(model, "lipschitz_bound")
     refs = []
     for i, (name, m) in enumerate(leaves):
         if isinstance(m, nn.Conv2d | nn.Linear):
@@ -55,16 +85,49 @@ def lipschitz_layers(model: nn.Module) -> list[LayerRef]:
             nxt = leaves[i + 1][1] if i + 1 < len(leaves) else None
             if isinstance(nxt, nn.BatchNorm1d | nn.BatchNorm2d) and nxt.num_features == m.weight.shape[0]:
                 bn = nxt
-            refs.append(LayerRef(name, m, bn))
+            before = [a for _, a in leaves[:i] if _is_act(a)]
+            after = []
+            for _, a in leaves[i + 1 :]:
+                if isinstance(a, nn.Conv2d | nn.Linear):
+                    break
+                if _is_act(a):
+                    after.append(a)
+                    break
+            act_in = before[-1] if chain and before else None
+            act_out = after[0] if chain and after else None
+            refs.append(LayerRef(name, m, bn, act_in, act_out))
     return refs
 
 
 def bn_gain(bn: nn.Module | None, like: torch.Tensor) -> torch.Tensor | None:
-    """BatchNorm's inference-time per-channel gain ``gamma / sqrt(running_var + eps)``."""
+    """BatchNorm's inference-time per-channel gain ``gamma / sqrt(running_var + eps)`` (bounded when the
+    BatchNorm bounds it)."""
     if bn is None:
         return None
-    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    if hasattr(bn, "bounded_weight"):
+        gamma = bn.bounded_weight()
+    else:
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
     return gamma / torch.sqrt(bn.running_var + bn.eps).to(like)
+
+
+def range_ratio(ref: LayerRef) -> torch.Tensor | float:
+    """``r_in / r_out`` of a layer (1 where a side has no quantized activation); differentiable in learned
+    ranges."""
+    r_in = act_range(ref.act_in) if ref.act_in is not None else None
+    r_out = act_range(ref.act_out) if ref.act_out is not None else None
+    return (1.0 if r_in is None else r_in) / (1.0 if r_out is None else r_out)
+
+
+def folded_operator(ref: LayerRef, w: torch.Tensor, target: str) -> torch.Tensor:
+    """``w`` as the regularised / constrained operator: as is, BN-folded, or BN-folded and range-scaled."""
+    if target == "weight":
+        return w
+    if ref.bn is not None:
+        w = w * bn_gain(ref.bn, w).reshape(-1, *([1] * (w.dim() - 1)))
+    if target == "act_scaled":
+        w = w * range_ratio(ref)
+    return w
 
 
 class _OrthoResidual(torch.autograd.Function):
@@ -107,11 +170,7 @@ def orthogonality_penalty(
         raise ValueError(f"unknown Lipschitz target {target!r}; choose one of {TARGETS}")
     total = None
     for ref in lipschitz_layers(model) if layers is None else layers:
-        w = ref.layer.weight
-        if target == "bn_folded" and ref.bn is not None:
-            g = bn_gain(ref.bn, w)
-            w = w * g.reshape(-1, *([1] * (w.dim() - 1)))
-        r = orthogonality_residual(w)
+        r = orthogonality_residual(folded_operator(ref, ref.layer.weight, target))
         total = r if total is None else total + r
     if total is None:
         return torch.zeros(())
@@ -187,6 +246,8 @@ class LayerLipschitz:
     bn_gain_max: float  # max |gamma / sqrt(var + eps)| (1 without BN)
     norm_folded: float  # quantized weights with BN folded in: what inference computes
     ortho_residual: float  # ||G - I||_F^2 of the float weights (the regularised quantity)
+    range_ratio: float = 1.0  # r_in / r_out of the quantized activations around the layer
+    norm_scaled: float = 0.0  # range_ratio * norm_folded: the gain between integer activation codes
 
 
 def input_shapes(model: nn.Module, sample_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -238,6 +299,8 @@ def diagnose(model: nn.Module, sample_shape: tuple[int, ...] = (3, 32, 32), iter
                     bn_gain_max=1.0 if g is None else float(g.abs().max()),
                     norm_folded=nfold,
                     ortho_residual=float(orthogonality_residual(wf)),
+                    range_ratio=float(range_ratio(ref)),
+                    norm_scaled=float(range_ratio(ref)) * nfold,
                 )
             )
     return rows
@@ -266,6 +329,7 @@ def report(model: nn.Module, sample_shape: tuple[int, ...] = (3, 32, 32), iters:
         "layers": [asdict(r) for r in rows],
         "network_bound": network_bound(model, rows),
         "mean_norm_folded": mean_norm(rows),
+        "mean_norm_scaled": sum(r.norm_scaled for r in rows) / max(1, len(rows)),
         "note": "norm_folded = spectral norm of the quantized conv/linear operator on its "
         "input shape with BatchNorm's inference gain folded in",
     }
@@ -274,15 +338,85 @@ def report(model: nn.Module, sample_shape: tuple[int, ...] = (3, 32, 32), iters:
 def table(rep: dict) -> str:
     """Markdown table of :func:`report`'s output."""
     lines = [
-        "| layer | kind | weight shape | ||W|| float | ||W|| quant | max BN gain | ||BN(W)|| quant | ||G-I||^2 |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| layer | kind | weight shape | ||W|| float | ||W|| quant | max BN gain | ||BN(W)|| quant | r_in/r_out "
+        "| r_in/r_out ||BN(W)|| | ||G-I||^2 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rep["layers"]:
         lines.append(
             f"| {r['name']} | {r['kind']} | {'x'.join(map(str, r['shape']))} | {r['norm_float']:.3f} "
             f"| {r['norm_quant']:.3f} | {r['bn_gain_max']:.3f} | {r['norm_folded']:.3f} "
+            f"| {r.get('range_ratio', 1.0):.3g} | {r.get('norm_scaled', r['norm_folded']):.3f} "
             f"| {r['ortho_residual']:.3g} |"
         )
     lines.append("")
     lines.append(f"Network Lipschitz bound (product / composition of BN-folded norms): {rep['network_bound']:.4g}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ hard constraint: spectral projection
+# Per model: its layers, their input shapes and the warm-start vectors of the power iteration. Kept
+# outside the model so that neither its state_dict nor its checkpoints change.
+_PROJ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _power_step(layer: nn.Module, w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One power-iteration step on ``A^T A`` (A = the layer's map with weight w); returns (v', ||A v||)."""
+    v = v.detach().requires_grad_(True)
+    with torch.enable_grad():
+        u = _apply(layer, w, v)
+        (vt,) = torch.autograd.grad(u, v, grad_outputs=u)
+    sigma = float(u.detach().norm())
+    n = vt.norm()
+    return (vt / n if n > 0 else vt).detach(), sigma
+
+
+@torch.no_grad()
+def project_(
+    model: nn.Module,
+    max_norm: float,
+    *,
+    target: str = "bn_folded",
+    sample_shape: tuple[int, ...] = (3, 32, 32),
+    iters: int = 1,
+    first_iters: int = 30,
+) -> dict[str, float]:
+    """Rescale every layer whose operator norm exceeds ``max_norm`` down to ``max_norm`` (in place).
+
+    The operator is the layer's float weight, BN-folded (``target="bn_folded"``), also range-scaled
+    (``"act_scaled"``) or alone (``"weight"``). A layer with a BatchNorm is rescaled through gamma
+    (rescaling W would be undone by the normalisation); one without, through W (the quantized weights
+    follow: their per-channel scale is max |w|). The norm comes from ``iters`` warm-started
+    power-iteration steps (``first_iters`` on the first call), a lower estimate that converges over
+    the steps of training. Call after each optimizer step; returns each layer's estimate before
+    projection.
+    """
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ConfigError(f"invalid spectral bound {max_norm}: use a positive number")
+    if target not in TARGETS:
+        raise ConfigError(f"unknown Lipschitz target {target!r}; choose one of {', '.join(TARGETS)}")
+    state = _PROJ.get(model)
+    if state is None or state["sample_shape"] != tuple(sample_shape):
+        with torch.enable_grad():
+            shapes = input_shapes(model, tuple(sample_shape))
+        state = {"sample_shape": tuple(sample_shape), "layers": lipschitz_layers(model), "shapes": shapes, "v": {}}
+        _PROJ[model] = state
+    sigmas = {}
+    for ref in state["layers"]:
+        w = ref.layer.weight
+        op = folded_operator(ref, w, target)
+        v = state["v"].get(ref.name)
+        steps = iters
+        if v is None:
+            gen = torch.Generator().manual_seed(0)
+            v = torch.randn((1, *state["shapes"][ref.name]), generator=gen).to(w)
+            v /= v.norm()
+            steps = max(iters, first_iters)
+        for _ in range(steps):
+            v, sigma = _power_step(ref.layer, op, v)
+        state["v"][ref.name] = v
+        sigmas[ref.name] = sigma
+        if sigma > max_norm:
+            factor = max_norm / sigma
+            (ref.bn.weight if ref.bn is not None and target != "weight" else w).mul_(factor)
+    return sigmas

@@ -150,18 +150,29 @@ class RangeCollapseError(HwDqError):
     """A learned activation range collapsed to zero or became non-finite during training."""
 
 
-def learned_ranges(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The clipping max r of every learned-range activation, by module name (live tensors).
+def _live_range(impl: LearnedRange) -> torch.Tensor:
+    """The learned parameter; during calibration (before r is a parameter) the running statistic."""
+    calibrating = impl.counter <= impl.collect_stats_steps
+    return impl.buffer if calibrating and impl.counter > 0 else impl.value
 
-    During calibration (before r is a parameter) this is the running statistic.
-    """
-    out = {}
-    for name, m in model.named_modules():
+
+def learned_ranges(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The clipping max r of every learned-range activation, by module name (live tensors)."""
+    return {
+        name.split(".act_quant")[0]: _live_range(m) for name, m in model.named_modules() if isinstance(m, LearnedRange)
+    }
+
+
+def act_range(act: nn.Module) -> torch.Tensor | float | None:
+    """The span ``scale * (2^k - 1)`` of a quantized activation module (the clipping max r of an unsigned
+    one; a live, differentiable tensor when learned); None for anything that does not quantize."""
+    if not isinstance(act, qnn.QuantReLU | qnn.QuantIdentity) or not act.act_quant.is_quant_enabled:
+        return None
+    for m in act.modules():
         if isinstance(m, LearnedRange):
-            owner = name.split(".act_quant")[0]
-            calibrating = m.counter <= m.collect_stats_steps
-            out[owner] = m.buffer if calibrating and m.counter > 0 else m.value
-    return out
+            return _live_range(m).abs()  # Brevitas uses |value|
+    with torch.no_grad():  # a constant scale: evaluating it has no side effect
+        return float(act.act_quant.scale()) * (2 ** int(act.act_quant.bit_width()) - 1)
 
 
 def check_ranges(model: nn.Module) -> None:
