@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine, machine_line, md_table, write_results
+from hw_dq.run import DATAFLOW_MODEL, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ def prepare(run: Path, bits: int) -> Path:
         cfg = TrainConfig(model="cnv", width=1.0, wbits=bits, abits=bits, epochs=1, train_subset=512,
                           test_subset=64, batch_size=64, lr=0.02)  # fmt: skip
         train(cfg, run, progress=False)
-    build = run / "build" / "Pynq-Z1"
-    if not (build / "dataflow_model.onnx").is_file():
+    build = Run(run).build_dir("Pynq-Z1")
+    if not (build / DATAFLOW_MODEL).is_file():
         build_run(run, "Pynq-Z1", target_fps=1000)
     return build
 
@@ -57,7 +58,7 @@ def child(kind: str, run: Path, n: int) -> dict:
     from hw_dq.run import load_model
 
     x, _ = load_split("sample", "test").take(n, seed=0).tensors()
-    build = run / "build" / "Pynq-Z1"
+    build = Run(run).build_dir("Pynq-Z1")
     xin = uint8_grid(x)
     if kind == "sim":
         sim = load_simulator(build, verify=0)

@@ -46,6 +46,7 @@ SAMPLE_INPUT = "sample_input.npy"  # verification images (UINT8 NCHW), in export
 SAMPLE_OUTPUT = "sample_output.npy"  # the PyTorch model's outputs on them
 BUILD_DIR = "build"
 DATAFLOW_MODEL = "dataflow_model.onnx"  # what a finished build leaves for the simulator
+REPO_ROOT = Path(__file__).resolve().parents[1]  # a checkout's root (committed results are relative to it)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -228,14 +229,18 @@ class Run:
         return load_model(self.path, which, device)[0]
 
     def resolve(self, stored: str | Path | None) -> Path | None:
-        """A path stored in the run's files: as written when it exists, else relative to the run
-        directory, else relative to the current folder (committed runs store relative paths)."""
+        """A path stored in the run's files: as written when it exists (absolute, or relative to the
+        current folder), else relative to the run directory, else to the repository root (committed
+        results store repository-relative paths); as written when none exists."""
         if stored is None:
             return None
         p = Path(stored)
         if p.is_absolute() or p.exists():
             return p
-        return self.path / p if (self.path / p).exists() else p
+        for base in (self.path, REPO_ROOT):
+            if (base / p).exists():
+                return base / p
+        return p
 
     def data_source(self, data: str | None = None, data_dir: str | Path | None = None) -> tuple[str, str | None]:
         """The dataset name and folder to evaluate on: the arguments, else the run's own."""

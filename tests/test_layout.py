@@ -8,12 +8,13 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import FIXTURE_RUN, ROOT, copy_fixture_run, run_cli
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts"))  # the scripts are tools, not a package
 import import_graph  # noqa: E402
 
 
@@ -92,3 +93,17 @@ def test_a_run_written_before_the_refactor_loads_and_attacks(tmp_path):
     assert ev["attack"] == "fgsm" and ev["eps"] == 8.0 and rec["n_examples"] == 16
     assert rec["clean_acc"] == pytest.approx(clean) and ev["robust_acc"] <= rec["clean_acc"]
     assert not (FIXTURE_RUN / "attacks").exists()
+
+
+def test_committed_results_hold_no_absolute_paths_and_resolve_from_the_repository(tmp_path, monkeypatch):
+    import relativize_results
+
+    from hw_dq.run import Run
+
+    assert relativize_results.main(["--check"]) == 0
+    cfg = json.loads((ROOT / "benchmarks/results/reproduce/runs/vq-a2/config.json").read_text())
+    stored = cfg["train"]["init_from"]
+    assert not Path(stored).is_absolute()
+    monkeypatch.chdir(tmp_path)  # from anywhere: relative to the repository root
+    assert Run(ROOT / "benchmarks/results/reproduce/runs/vq-a2").resolve(stored) == ROOT / stored
+    assert (ROOT / stored).name == "fp"

@@ -174,7 +174,7 @@ def _hardware(run: Path, s: Scale) -> None:
     from hw_dq.fpga.build import build_run
     from hw_dq.fpga.hwattack import evaluate_hw
 
-    if not (run / "build" / str(s.hw_board) / "dataflow_model.onnx").is_file():
+    if not (rd.Run(run).build_dir(str(s.hw_board)) / rd.DATAFLOW_MODEL).is_file():
         build_run(run, str(s.hw_board), target_fps=s.hw_target_fps)
     evaluate_hw(run, ["transfer-pgd", "square"], [8.0], board=s.hw_board, n=min(s.n_eval, s.n_hw), seed=s.seed,
                 steps=10, queries=s.hw_queries, name="robustness-hw")  # fmt: skip
@@ -186,15 +186,13 @@ def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twi
     extra = evaluate_run(run, attacks[2:], [8.0], n=s.n_eval, seed=s.seed, params=params, sanity_cfg=scfg,
                          transfer_from=twin if "transfer-pgd" in attacks else None, name="_aa")  # fmt: skip
     # one file with every evaluation; the sanity checks see all of them
-    from hw_dq.data import load_split
     from hw_dq.robust.results import describe, headline, validate
     from hw_dq.robust.sanity import run_checks
 
-    model, _ = rd.load_model(run, device="auto")
-    tr = rd.read_json(run / rd.CONFIG)["train"]
-    x, y = load_split(tr["data"], "test", tr["data_dir"]).take(s.n_eval, s.seed).tensors()
+    model = rd.Run(run).model(device="auto")
+    x, y = rd.Run(run).test_set(s.n_eval, s.seed).tensors()
     evals = wb + extra["evaluations"]
-    src = rd.load_model(twin, device="auto")[0] if "transfer-pgd" in attacks else None
+    src = rd.Run(twin).model(device="auto") if "transfer-pgd" in attacks else None
     san = run_checks(model, x, y, evals, extra["clean_acc"], params=params, cfg=scfg, seed=s.seed, source=src)
     result = {**extra, "name": "robustness", "evaluations": evals, "headline": headline(evals), "sanity": san}
     validate(json.loads(json.dumps(result)))
