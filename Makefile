@@ -10,10 +10,10 @@ demo: setup
 	$(VENV)/bin/hw-dq demo
 
 test: setup
-	$(PY) -m ruff check hw_dq tests benchmarks notebooks
-	$(PY) -m ruff format --check hw_dq tests benchmarks notebooks
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m ruff check hw_dq tests benchmarks notebooks scripts
+	$(PY) -m ruff format --check hw_dq tests benchmarks notebooks scripts
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 fmt: setup
-	$(PY) -m ruff format hw_dq tests benchmarks notebooks
-	$(PY) -m ruff check --fix hw_dq tests benchmarks notebooks
+	$(PY) -m ruff format hw_dq tests benchmarks notebooks scripts
+	$(PY) -m ruff check --fix hw_dq tests benchmarks notebooks scripts
