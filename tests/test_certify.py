@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
@@ -17,6 +19,7 @@ from hw_dq.fpga.hwattack import craft, find_build, load_simulator, uint8_grid
 from hw_dq.fpga.sim import HwSimulator
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
+from tests.conftest import assert_one_line_error, run_cli
 
 N = 200
 COMMON = dict(model="tiny", train_subset=4000, test_subset=200, batch_size=64)
@@ -84,13 +87,13 @@ def test_random_points_and_corners_never_break_a_certified_image(setup):
 
 def test_attacks_on_the_accelerator_never_break_a_certified_image(setup, tiny_build):
     sim, cert, xu, y = setup
-    eps = 2
+    eps, xu, y = 2, xu[:96], y[:96]
     x01 = xu / 255.0
     ok = cert.certify(xu, y, eps).certified
     model, _ = load_model(tiny_build)
     clean = _labels(sim, xu) == y
     for attack in ("square", "transfer-pgd"):
-        adv, _ = craft(attack, model, sim, x01.astype(np.float32), y, float(eps), seed=0, steps=10, queries=150)
+        adv, _ = craft(attack, model, sim, x01.astype(np.float32), y, float(eps), seed=0, steps=10, queries=100)
         adv_u = uint8_grid(adv)
         assert np.abs(adv_u - xu).max() <= eps
         robust = clean & (_labels(sim, adv_u) == y)
@@ -140,3 +143,35 @@ def test_uncovered_op_and_bad_eps_are_one_line_errors(setup):
     for bad in (-1, 256, float("nan")):
         with pytest.raises(CertifyError, match="invalid eps"):
             c.box(xu[:2], bad)
+
+
+def test_cli_certify_writes_a_schema_result(tiny_build):
+    from hw_dq.robust.results import load
+
+    ok = run_cli("certify", str(tiny_build), "--board", "Pynq-Z1", "--eps", "0,1,2", "--n", "48", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    path = tiny_build / "attacks" / "certified-hw.json"
+    (r,) = load([path])
+    assert r["target"] == "hw-certified" and r["sanity"]["verdict"] == "pass"
+    accs = [b["certified_acc"] for b in r["certified"]]
+    assert accs[0] == r["clean_acc"] and accs[0] >= accs[1] >= accs[2]
+    layers = {row["layer"]: row for row in r["certified"][2]["layers"]}
+    assert len(layers) == 2 and all(row["mean_width"] > 0 and row["growth"] is not None for row in layers.values())
+    assert (tiny_build / "attacks" / "certified-hw.md").is_file()
+
+
+def test_cli_certify_bad_input_is_one_line(tiny_build, tmp_path):
+    for bad in ("--eps=-1", "--eps=256"):
+        assert_one_line_error(run_cli("certify", str(tiny_build), bad, "--n", "4"), "invalid eps")
+    assert_one_line_error(
+        run_cli("certify", str(tiny_build), "--board", "ZCU104", "--n", "4"), "no FINN build", "ZCU104"
+    )
+    # a build whose graph multiplies two variable streams: an op the interval semantics does not cover
+    broken = tmp_path / "run"
+    shutil.copytree(tiny_build, broken)
+    model = broken / "build" / "Pynq-Z1" / "dataflow_model.onnx"
+    g = onnx.load(str(model))
+    node = next(nd for nd in g.graph.node if nd.op_type.startswith("ElementwiseMul"))
+    node.input[1] = node.input[0]
+    onnx.save(g, str(model))
+    assert_one_line_error(run_cli("certify", str(broken), "--n", "4"), node.name, "no interval semantics")
