@@ -1,0 +1,167 @@
+"""Interval bound propagation (IBP) through the Brevitas models, and a certified-training loss.
+
+IBP (Gowal et al. 2018) carries an input box through the network: a conv/linear layer maps the
+box's centre through W and its radius through |W|; BatchNorm is a per-channel affine map (its
+sign decides which end goes where); every quantizer and clipped ReLU is monotone, so the box's
+two ends pass through the module itself: quantized weights and activations keep Brevitas'
+straight-through gradients, and the bounds are those of the quantized network. The last linear
+layer is applied to the logit differences ``z_y - z_j`` (rows ``w_y - w_j``), tighter than two
+logit bounds. ``ibp_loss`` mixes the clean cross-entropy with the worst-case one, with the usual
+eps ramp (:func:`eps_schedule`).
+
+Why not a bound library: auto_LiRPA (the maintained one) needs torch < 1.13 on PyPI (0.3), not the
+pinned torch 2.x, and it has no rule for Brevitas' quantizers; the models here are plain chains
+(input quantizer, ``features``, flatten, ``classifier``), which a short walk covers exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from hw_dq.errors import ConfigError
+
+SLACK = 1e-5  # widening before each quantizer: float rounding of the bounds never flips a level
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """The (quantized, straight-through) weight a Brevitas layer uses in its forward."""
+    qw = getattr(m, "quant_weight", None)
+    w = qw() if callable(qw) else m.weight
+    return w.value if hasattr(w, "value") else w
+
+
+def _is_quant_act(m: nn.Module) -> bool:
+    import brevitas.nn as qnn
+
+    return isinstance(m, qnn.QuantIdentity | qnn.QuantReLU | qnn.QuantHardTanh)
+
+
+def _affine_bn(m: nn.modules.batchnorm._BatchNorm, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a BatchNorm: running statistics in eval mode, the box centres' batch
+    statistics in training mode (running statistics are left to the clean forward)."""
+    gamma = m.bounded_weight() if hasattr(m, "bounded_weight") else m.weight
+    if m.training:
+        dims = [0] + list(range(2, c.dim()))
+        mean, var = c.mean(dims), c.var(dims, unbiased=False)
+    else:
+        mean, var = m.running_mean, m.running_var
+    scale = gamma / torch.sqrt(var + m.eps)
+    return scale, m.bias - mean * scale
+
+
+def _shape(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (c.dim() - 2)))
+
+
+def _layer(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds through one module."""
+    if isinstance(m, nn.Conv2d | nn.Linear):
+        w = _weight(m)
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        if isinstance(m, nn.Conv2d):
+            kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+            cc, rr = F.conv2d(c, w, m.bias, **kw), F.conv2d(r, w.abs(), None, **kw)
+        else:
+            cc, rr = F.linear(c, w, m.bias), F.linear(r, w.abs())
+        return cc - rr, cc + rr
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        scale, shift = _affine_bn(m, c)
+        cc, rr = c * _shape(scale, c) + _shape(shift, c), r * _shape(scale.abs(), c)
+        return cc - rr, cc + rr
+    if _is_quant_act(m):
+        n = lo.shape[0]
+        lo, hi = lo - SLACK * (1 + lo.abs()), hi + SLACK * (1 + hi.abs())
+        out = m(torch.cat([lo, hi]))  # monotone: the ends map to the ends
+        out = out.value if hasattr(out, "value") else out
+        return out[:n], out[n:]
+    if isinstance(m, nn.Hardtanh | nn.ReLU | nn.ReLU6 | nn.MaxPool2d | nn.Identity | nn.Flatten):
+        n = lo.shape[0]
+        out = m(torch.cat([lo, hi]))
+        return out[:n], out[n:]
+    raise ConfigError(f"IBP has no rule for {type(m).__name__}; supported models: cnv, tiny")
+
+
+def _chain(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """The modules of a cnv/tiny model in forward order (flatten included), and its last linear layer."""
+    parts = [getattr(model, k, None) for k in ("input_quant", "features", "classifier")]
+    if any(p is None for p in parts) or not isinstance(parts[2], nn.Sequential):
+        raise ConfigError(f"IBP supports the chain models (cnv, tiny), not {type(model).__name__}")
+    mods = [parts[0], *parts[1], nn.Flatten(), *parts[2]]
+    last = mods[-1]
+    if not isinstance(last, nn.Linear):
+        raise ConfigError("IBP needs the classifier to end with a linear layer")
+    return mods[:-1], last
+
+
+def ibp_bounds(model: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds of the logits for inputs in the box ``[lo, hi]``."""
+    mods, last = _chain(model)
+    for m in mods:
+        lo, hi = _layer(m, lo, hi)
+    return _layer(last, lo, hi)
+
+
+def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ConfigError(f"invalid IBP eps {eps}: must be a finite number >= 0 (input units, [0, 1] images)")
+    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+
+
+def ibp_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Lower bounds of ``z_y - z_j`` (N x C, zero at j = y) over the Linf box of radius ``eps``
+    (in input units, e.g. 2/255) around ``x``: the last linear layer on the differences."""
+    mods, last = _chain(model)
+    lo, hi = _box(x, eps)
+    for m in mods:
+        lo, hi = _layer(m, lo, hi)
+    w = _weight(last)  # C x K
+    d = w[y].unsqueeze(1) - w.unsqueeze(0)  # N x C x K: w_y - w_j
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    lb = torch.einsum("nck,nk->nc", d, c) - torch.einsum("nck,nk->nc", d.abs(), r)
+    if last.bias is not None:
+        lb = lb + (last.bias[y].unsqueeze(1) - last.bias.unsqueeze(0))
+    return lb
+
+
+def certified_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+    """Fraction of images whose IBP margins are all positive (certified for the float model)."""
+    with torch.no_grad():
+        lb = ibp_margins(model, x, y, eps)
+        lb[torch.arange(len(y)), y] = 1.0
+        return float((lb > 0).all(1).float().mean())
+
+
+def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float = 0.5) -> torch.Tensor:
+    """``kappa * CE(clean) + (1 - kappa) * CE(worst case)`` (Gowal et al. 2018): the worst-case
+    logits are ``-margins`` (the lower bounds of ``z_y - z_j``, 0 for the true class).
+
+    ``eps`` in input units (a [0, 1] image's Linf radius, e.g. 2/255); at eps 0 the worst case
+    is the clean CE of the logit differences. Call it in training mode; the clean forward runs
+    first, so BatchNorm's running statistics see only clean images."""
+    if not 0.0 <= kappa <= 1.0:
+        raise ConfigError(f"invalid kappa {kappa}: must lie in [0, 1]")
+    clean = F.cross_entropy(model(x), y)
+    if kappa >= 1.0:
+        return clean
+    robust = F.cross_entropy(-ibp_margins(model, x, y, eps), y)
+    return kappa * clean + (1.0 - kappa) * robust
+
+
+def eps_schedule(step: int, total: int, eps_max: float, warmup: float = 0.1, ramp: float = 0.5) -> float:
+    """IBP's eps ramp: 0 for the first ``warmup`` fraction of ``total`` steps, then a linear rise
+    to ``eps_max`` over the next ``ramp`` fraction, then ``eps_max`` (Gowal et al. 2018)."""
+    if total <= 0 or eps_max < 0:
+        raise ConfigError(f"invalid eps schedule: total steps {total}, eps_max {eps_max}")
+    start, length = warmup * total, max(1.0, ramp * total)
+    return float(eps_max * min(1.0, max(0.0, (step - start) / length)))
+
+
+def kappa_schedule(step: int, total: int, kappa_end: float = 0.5, warmup: float = 0.1, ramp: float = 0.5) -> float:
+    """The clean-loss weight: 1 during the warm-up, then down to ``kappa_end`` with the eps ramp."""
+    frac = eps_schedule(step, total, 1.0, warmup, ramp)
+    return 1.0 - (1.0 - kappa_end) * frac
