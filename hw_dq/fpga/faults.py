@@ -170,8 +170,10 @@ def find_memories(model: Any) -> list[Memory]:
         if thr_in is not None and model.get_initializer(thr_in) is not None:
             t = model.get_initializer(thr_in)
             tdt = model.get_tensor_datatype(thr_in)
+            # one row shared by all channels is stored once per channel (FINN tiles it to MH rows)
+            rows = int(a.get("MH", a.get("NumChannels", t.shape[0])))
             mems.append(Memory(layer, node.name, node.op_type, "thresholds", thr_in, tdt.name, dtype_bits(tdt),
-                               tuple(t.shape), pe, 1))  # fmt: skip
+                               (max(rows, t.shape[0]), t.shape[1]), pe, 1))  # fmt: skip
             odt = model.get_tensor_datatype(node.output[0])
             shape = tuple(int(d) for d in model.get_tensor_shape(node.output[0])[1:])
             mems.append(Memory(layer, node.name, node.op_type, "activations", node.output[0], odt.name,
@@ -224,7 +226,11 @@ class FaultyBuild:
         self._tmp = tempfile.TemporaryDirectory(prefix="hwdq-faults-")
 
     def values(self, mem: Memory) -> np.ndarray:
-        return np.array(self.model.get_initializer(mem.tensor), dtype=np.float32, copy=True)
+        """A copy of a memory's stored values, in the memory's shape (shared threshold rows tiled)."""
+        arr = np.array(self.model.get_initializer(mem.tensor), dtype=np.float32, copy=True)
+        if arr.shape != mem.shape:
+            arr = np.tile(arr, (mem.shape[0] // arr.shape[0], 1))
+        return arr
 
     def select(self, kinds: Sequence[str], layers: Sequence[int] | None = None) -> list[Memory]:
         """Memories of the given kinds (and layers); a kind or layer the build lacks is an error."""
