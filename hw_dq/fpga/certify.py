@@ -113,7 +113,10 @@ class IntervalCertifier:
             if op == "Thresholding":
                 self.levels[st.name] = float(self.sim.consts[st.inputs[1]].shape[-1])
                 return self._widths(st.name, st.fn)
-            return st.fn if op not in TERMINAL else (lambda x, *_: x)
+            if op in TERMINAL:  # every output (values, indices) carries the scores' bounds on to the end
+                k = len(st.outputs)
+                return lambda x, *_: x if k == 1 else tuple(x for _ in range(k))
+            return st.fn
         if op == "Pool":
             fn = a.get("Function", b"")
             if (fn.decode() if isinstance(fn, bytes) else fn) not in ("MaxPool", "AccPool", "AvgPool", "QuantAvgPool"):
@@ -203,7 +206,11 @@ class IntervalCertifier:
     @staticmethod
     def _ends(ac: torch.Tensor, ar: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         """[lo; hi] accumulators from the doubled centre and radius (exact: both are even or both odd)."""
-        acc = torch.cat([ac - ar, ac.add_(ar)]).mul_(0.5)
+        n = ac.shape[0]
+        acc = torch.empty((2 * n, *ac.shape[1:]), dtype=ac.dtype, device=ac.device)
+        torch.sub(ac, ar, out=acc[:n])
+        torch.add(ac, ar, out=acc[n:])
+        acc.mul_(0.5)
         return acc.add_(off) if bool(off.any()) else acc
 
     def _mvau(self, st: Step) -> Callable[..., torch.Tensor]:
@@ -341,6 +348,8 @@ class IntervalCertifier:
             raise CertifyError(
                 f"input shape {tuple(xt.shape[1:])} does not match the graph's {self.sim.input_shape[1:]}"
             )
+        if not self.in_dt.is_integer():
+            raise CertifyError(f"the graph's input is {self.in_dt}, not integer pixels: export with a UINT8 input")
         k = math.floor(eps + 1e-9)  # the accelerator sees UINT8 levels only
         lo_, hi_ = float(self.in_dt.min()), float(self.in_dt.max())
         return torch.cat([(xt - k).clamp(lo_, hi_), (xt + k).clamp(lo_, hi_)])
@@ -365,7 +374,8 @@ class IntervalCertifier:
             for name in self.levels:
                 if name in self._record:
                     a, b = _split(self._record[name])
-                    out.width_sum[name] = out.width_sum.get(name, 0.0) + float((b - a).sum(dtype=torch.float64))
+                    wsum = float(b.sum(dtype=torch.float64)) - float(a.sum(dtype=torch.float64))  # exact: integers
+                    out.width_sum[name] = out.width_sum.get(name, 0.0) + wsum
                     out.width_count[name] = out.width_count.get(name, 0) + a.numel()
             lo_y = lo.gather(1, yb[:, None])
             n_cls = lo.shape[1]
