@@ -175,3 +175,21 @@ def test_cli_certify_bad_input_is_one_line(tiny_build, tmp_path):
     node.input[1] = node.input[0]
     onnx.save(g, str(model))
     assert_one_line_error(run_cli("certify", str(broken), "--n", "4"), node.name, "no interval semantics")
+
+
+def test_a_label_head_is_certified_on_its_scores():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [1])
+    top = helper.make_node("TopK", ["x", "k"], ["vals", "idx"], name="TopK_0")
+    m = ModelWrapper(helper.make_model(helper.make_graph([top], "g", [x], [idx], initializer=[k])))
+    m.set_tensor_datatype("x", DataType["UINT8"])
+    sim = HwSimulator(m)
+    cert = IntervalCertifier(sim)
+    img, y = np.array([[10.0, 200.0, 3.0, 50.0], [7.0, 7.0, 1.0, 0.0]], np.float32), np.array([1, 0])
+    assert sim(img).reshape(-1).tolist() == [1, 0]  # ties go to the lower index
+    assert cert.certify(img, y, 0).certified.tolist() == [True, True]
+    assert cert.certify(img, y, 40).certified.tolist() == [True, False]
+    # at 75 levels class 1 can fall to 125 and class 3 rise to 125: a tie, which the lower index (1) wins
+    assert cert.certify(img, y, 75).certified.tolist() == [True, False]
+    assert cert.certify(img, y, 76).certified.tolist() == [False, False]
