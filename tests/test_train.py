@@ -7,15 +7,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hw_dq import run as rd
 from hw_dq.errors import CheckpointError, ConfigError
-from hw_dq.train.loop import TrainConfig, perturb, train
+from hw_dq.train import adversarial as adv
+from hw_dq.train import loop
+from hw_dq.train.loop import TrainConfig, train
 
-from .conftest import ROOT
+from .conftest import ROOT, assert_one_line_error, run_cli
 
 SMALL = dict(model="tiny", train_subset=256, test_subset=128, batch_size=64, epochs=1, lr=0.05)
 
@@ -57,26 +60,90 @@ def test_dq_regulariser_reduces_orthogonality_residual(tmp_path):
     assert vq["reg"] == 0 and dq["reg"] > 0
 
 
-@pytest.mark.parametrize("kind", ["pgd", "fgsm"])
-def test_adversarial_examples_respect_eps_and_box(kind):
+@pytest.mark.parametrize("kind, radius", [("pgd", 1), ("fgsm", 1), ("trades", 1), ("nfgsm", 3)])
+def test_adversarial_examples_respect_eps_and_box(kind, radius):
     from hw_dq.data import load_split
     from hw_dq.nn.models import create_model
 
-    cfg = TrainConfig(**SMALL, wbits=2, abits=2, adv_train=kind, adv_eps=8, adv_steps=3)
+    recipe = TrainConfig(**SMALL, wbits=2, abits=2, adv_train=kind, adv_eps=8, adv_steps=3).adv
     model = create_model("tiny", 2, 2)
     x, y = load_split("sample", "test").take(32).tensors()
     before = [b.clone() for b in model.buffers()]
-    xa = perturb(model, x, y, cfg, torch.Generator().manual_seed(0))
-    assert (xa - x).abs().max() <= 8 / 255 + 1e-6
+    xa = adv.craft(model, x, y, recipe, torch.Generator().manual_seed(0))
+    # projected recipes stay in the eps-ball; N-FGSM (noise 2 eps + step eps, no projection) within 3 eps
+    assert (xa - x).abs().max() <= radius * 8 / 255 + 1e-6
+    assert kind != "nfgsm" or (xa - x).abs().max() > 8 / 255 + 1e-6
     assert xa.min() >= 0 and xa.max() <= 1
-    assert (xa != x).any()
     # BatchNorm running statistics are untouched by the attack's forward passes
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+    # the examples are adversarial: the loss the recipe maximises went up
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy
+        assert ce(model(xa), y) > ce(model(x), y)
 
 
-def test_adversarial_training_runs(tmp_path):
-    row = train(TrainConfig(**SMALL, wbits=2, abits=2, beta=1e-3, adv_train="fgsm"), tmp_path / "r", progress=False)
-    assert row["epoch"] == 0
+def test_adversarial_training_runs_the_attack_and_keeps_the_best_robust_epoch(tmp_path, monkeypatch):
+    calls = []
+    real = adv.craft
+    monkeypatch.setattr(adv, "craft", lambda *a, **k: calls.append(a[3].kind) or real(*a, **k))
+    base = dict(SMALL, epochs=2, wbits=2, abits=2, robust_eval_n=64)
+    row = train(TrainConfig(**base, adv_train="nfgsm"), tmp_path / "at", progress=False)
+    steps = (256 - 64) // 64
+    assert calls == ["nfgsm"] * (2 * steps)  # one crafted batch per training step, and only for the robust run
+    rows = rd.read_jsonl(tmp_path / "at" / "metrics.jsonl")
+    assert all("holdout_pgd_acc" in r and "collapse" in r for r in rows)
+    assert row["holdout_pgd_acc"] <= 1.0
+    best = max(range(2), key=lambda i: (rows[i]["holdout_pgd_acc"], -i))
+    kept = load_file(tmp_path / "at" / "model.safetensors")
+    ref = load_file(tmp_path / "at" / "best_robust.safetensors")
+    assert all(torch.equal(kept[k], ref[k]) for k in ref), f"model.safetensors is not the best epoch ({best})"
+    # the same seed without the attack trains to other weights
+    train(TrainConfig(**base), tmp_path / "clean", progress=False)
+    assert "holdout_pgd_acc" not in rd.read_jsonl(tmp_path / "clean" / "metrics.jsonl")[0]
+    other = load_file(tmp_path / "clean" / "model.safetensors")
+    assert any(not torch.equal(other[k], kept[k]) for k in kept if k.endswith("weight"))
+
+
+def test_collapse_is_detected_from_the_held_out_curve():
+    assert adv.collapsed([0.30, 0.35], 0.05)
+    assert not adv.collapsed([0.30, 0.35], 0.30)
+    assert not adv.collapsed([0.01, 0.02], 0.0)  # noise near zero is not a collapse
+
+
+def test_channels_and_classes_come_from_the_data(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 64)):
+        x = rng.integers(0, 256, (n, 32, 32, 1), dtype=np.uint8)
+        y = rng.integers(0, 100, n)
+        np.savez_compressed(tmp_path / f"{split}.npz", x=x, y=y)
+    cfg = TrainConfig(**{**SMALL, "test_subset": None}, data="npz", data_dir=str(tmp_path))
+    train(cfg, tmp_path / "r", progress=False)
+    conf = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert conf["model"]["in_channels"] == 1 and conf["model"]["num_classes"] == 100
+    model, _ = rd.load_model(tmp_path / "r")
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 100)
+
+
+def test_init_from_another_architecture_is_refused(tmp_path):
+    train(TrainConfig(**SMALL, width=0.5), tmp_path / "src", progress=False)
+    with pytest.raises(ConfigError, match="different architecture"):
+        train(TrainConfig(**SMALL, init_from=str(tmp_path / "src")), tmp_path / "r", progress=False)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--adv-train", "pgd", "--adv-eps", "0"], "--adv-eps"),
+        (["--adv-train", "pgd", "--adv-eps", "nan"], "not finite"),
+        (["--adv-train", "pgd", "--adv-steps", "0"], "--adv-steps"),
+        (["--adv-train", "trades", "--trades-beta", "-1"], "--trades-beta"),
+        (["--adv-train", "mart"], "invalid choice"),
+    ],
+)
+def test_bad_adversarial_recipe_is_one_line(tmp_path, flags, needle):
+    proc = run_cli("train", "--model", "tiny", "--out", str(tmp_path / "r"), *flags)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "r").exists()
 
 
 def test_existing_run_needs_resume(tmp_path):
@@ -154,10 +221,18 @@ def test_ddp_two_cpu_processes_identical_weights(tmp_path):
     assert len(rd.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
 
 
-def test_divergence_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-    cfg = TrainConfig(**{**SMALL, "epochs": 2, "lr": 1e12}, wbits=None, abits=None)
-    with pytest.raises(ConfigError, match="training diverged"):
+def test_divergence_is_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = loop.lr_at
+    # a sane first epoch, then a learning rate that blows the second one up
+    monkeypatch.setattr(loop, "lr_at", lambda cfg, step, spe: real(cfg, step, spe) if step < spe else float("inf"))
+    cfg = TrainConfig(**{**SMALL, "epochs": 2}, wbits=None, abits=None)
+    with pytest.raises(ConfigError, match="training diverged.*checkpoint .* is intact"):
         train(cfg, tmp_path / "r", progress=False)
+    tensors, meta = rd.load_tensors(tmp_path / "r" / "checkpoint.safetensors")
+    assert meta["epoch"] == 1 and not meta["done"]
+    assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    monkeypatch.setattr(loop, "lr_at", real)  # the intact checkpoint resumes to the end
+    assert train(cfg, tmp_path / "r", resume=True, progress=False)["epoch"] == 1
 
 
 def test_run_from_other_quantizer_scheme_is_refused(tmp_path):

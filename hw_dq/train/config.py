@@ -1,15 +1,163 @@
-"""Training configs: JSON files (shipped ones by name, or your own path), flags override."""
+"""The training run configuration: one typed dataclass, JSON files that fill it, CLI flags generated from it."""
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import fields, replace
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hw_dq.data import DATASETS
 from hw_dq.errors import ConfigError
-from hw_dq.train.loop import TrainConfig
+from hw_dq.nn import lipschitz
+from hw_dq.nn.models import MODELS, ModelConfig
+from hw_dq.nn.quant import bits_label, parse_bits
+from hw_dq.train.adversarial import RECIPES, AdvRecipe
+
+SCHEDULES = ("cosine", "step")
+ADV_TRAIN = tuple(RECIPES)
+# the ModelConfig fields a TrainConfig carries (name -> TrainConfig field)
+
+
+def _f(default: Any, help: str, group: str = "recipe", **meta: Any) -> Any:  # noqa: A002
+    """A dataclass field that also describes its command-line flag."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, "group": group, **meta}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json in the run directory).
+
+    Bit widths are parsed once, here, into ``int`` (1..8) or ``None`` (full precision).
+    """
+
+    model: str = _f("cnv", "architecture", "model", choices=MODELS)
+    wbits: int | None = _f(2, "weight bits 1..8 or 'float'", "model", bits=True)
+    abits: int | None = _f(2, "activation bits 1..8 or 'float'", "model", bits=True)
+    width: float | None = _f(None, "channel multiplier (cnv/tiny; default 1) or widening factor (wrn; default 10)",
+                             "model")  # fmt: skip
+    depth: int = _f(28, "WRN depth (6n+4)", "model")
+    residual_lambda: float = _f(0.5, "WRN convex-combination weight of the residual branch", "model")
+    act_range: str = _f("learned", "activation clipping range: learned (PACT-style, per tensor) or fixed (ReLU6 "
+                        "[0, 6], the scheme of runs before v2)", "model", choices=("learned", "fixed"))  # fmt: skip
+    end_bits: int | None = _f(None, "weight bits of the first and last layer (mixed precision; default: --wbits)",
+                              "model", bits=True)  # fmt: skip
+    bn_gain_max: float | None = _f(None, "bound BatchNorm's inference gain gamma/sqrt(var+eps) to [0, G]",
+                                   "defensive quantization", metavar="G")  # fmt: skip
+    beta: float = _f(0.0, "Lipschitz regularisation strength (0 = vanilla quantization)", "defensive quantization")
+    lipschitz_target: str = _f("weight", "regularise W ('weight') or the BN-folded operator ('bn_folded')",
+                               "defensive quantization", choices=lipschitz.TARGETS)  # fmt: skip
+    lipschitz_project: float = _f(0.0, "after each step, rescale every layer whose operator norm (--lipschitz-target) "
+                                  "exceeds this bound (0 = off)", "defensive quantization", metavar="C")  # fmt: skip
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(128, "global batch size")
+    lr: float = _f(0.05, "peak learning rate (SGD)")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    weight_decay: float = _f(5e-4, "L2 weight decay")
+    schedule: str = _f("cosine", "learning-rate schedule", choices=SCHEDULES)
+    milestones: list[float] = _f(lambda: [0.3, 0.6, 0.8], "step schedule: fractions of training", cli=False)
+    lr_gamma: float = _f(0.2, "step schedule: factor at each milestone", cli=False)
+    warmup_epochs: float = _f(0.0, "linear learning-rate warm-up (epochs)")
+    seed: int = _f(0, "seed of initialisation, batch order, augmentation and attack starts")
+    data: str = _f("sample", "dataset (sample = the embedded CIFAR-10 sample)", "data", choices=DATASETS)
+    data_dir: str | None = _f(None, "local copy of the dataset", "data")
+    download: bool = _f(False, "download the dataset if missing", "data")
+    train_subset: int | None = _f(None, "train on N examples only", "data", metavar="N")
+    test_subset: int | None = _f(None, "evaluate each epoch on N test examples", "data", metavar="N")
+    adv_train: str = _f("none", "adversarial training recipe: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()),
+                        "adversarial training", choices=ADV_TRAIN)  # fmt: skip
+    adv_eps: float = _f(8.0, "Linf eps of the training attack, in units of 1/255", "adversarial training")
+    adv_steps: int = _f(7, "attack steps (pgd, trades)", "adversarial training")
+    adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
+    trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
+    robust_eval_n: int = _f(512, "held-out training images for the per-epoch PGD-10 check of robust runs "
+                            "(taken out of training; 0 = off)", "adversarial training", metavar="N")  # fmt: skip
+    keep_best: bool = _f(True, "robust runs end with the weights of the epoch with the best held-out PGD accuracy",
+                         "adversarial training")  # fmt: skip
+    init_from: str | None = _f(None, "start from another run's weights (e.g. a robust FP run)", metavar="RUN_DIR")
+    checkpoint_every: int = _f(0, "also checkpoint every STEPS steps (0 = once per epoch)", metavar="STEPS")
+    grad_clip: float = _f(0.0, "clip the global gradient norm (0 = off); the same for FP, VQ and DQ", metavar="NORM")
+    device: str = _f("auto", "auto (the GPU where PyTorch sees one), cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        self.wbits = parse_bits(self.wbits, "weight bit width (--wbits)")
+        self.abits = parse_bits(self.abits, "activation bit width (--abits)")
+        self.end_bits = parse_bits(self.end_bits, "first/last layer weight bit width (--end-bits)")
+        finite = all(
+            isinstance(v, int | float) and math.isfinite(v)
+            for v in (self.beta, self.lr, self.adv_eps, self.trades_beta, self.adv_alpha or 0.0, self.weight_decay)
+        )
+        checks = [
+            (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay) is not finite"),
+            (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
+            (self.beta >= 0, f"invalid beta {self.beta}: must be >= 0"),
+            (self.lipschitz_target in lipschitz.TARGETS,
+             f"unknown Lipschitz target {self.lipschitz_target!r}; choose one of {', '.join(lipschitz.TARGETS)}"),
+            (self.epochs >= 1, f"invalid epochs {self.epochs}: must be >= 1"),
+            (self.batch_size >= 1, f"invalid batch size {self.batch_size}: must be >= 1"),
+            (self.lr > 0, f"invalid learning rate {self.lr}: must be > 0"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
+            (self.adv_train in ADV_TRAIN,
+             f"unknown adversarial training {self.adv_train!r}; choose one of {', '.join(ADV_TRAIN)}"),
+            (self.adv_train == "none" or 0 < self.adv_eps <= 255,
+             f"invalid --adv-eps {self.adv_eps}: use a value in (0, 255] (units of 1/255; 8 means 8/255)"),
+            (self.adv_steps >= 1, f"invalid --adv-steps {self.adv_steps}: must be >= 1"),
+            (self.adv_alpha is None or self.adv_alpha > 0, f"invalid --adv-alpha {self.adv_alpha}: must be > 0"),
+            (self.trades_beta >= 0, f"invalid --trades-beta {self.trades_beta}: must be >= 0"),
+            (self.robust_eval_n >= 0, f"invalid --robust-eval-n {self.robust_eval_n}: must be >= 0"),
+            (self.act_range in ("learned", "fixed"), f"unknown act_range {self.act_range!r}; use learned or fixed"),
+            (self.bn_gain_max is None or (math.isfinite(self.bn_gain_max) and self.bn_gain_max > 0),
+             f"invalid --bn-gain-max {self.bn_gain_max}: must be a positive number"),
+            (math.isfinite(self.lipschitz_project) and self.lipschitz_project >= 0,
+             f"invalid --lipschitz-project {self.lipschitz_project}: must be >= 0 (0 = off)"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.grad_clip >= 0, f"invalid grad_clip {self.grad_clip}: must be >= 0 (0 = off)"),
+        ]  # fmt: skip
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @property
+    def mode(self) -> str:
+        """FP (quantizers off), VQ (beta = 0) or DQ (beta > 0)."""
+        if self.wbits is None and self.abits is None:
+            return "FP"
+        return "DQ" if self.beta > 0 else "VQ"
+
+    @property
+    def tag(self) -> str:
+        """``fp`` or ``w<bits>a<bits>``: the one way bit widths are written in names and tables."""
+        if self.wbits is None and self.abits is None:
+            return "fp"
+        return f"w{bits_label(self.wbits)}a{bits_label(self.abits)}"
+
+    @property
+    def adv(self) -> AdvRecipe:
+        return AdvRecipe(self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta)
+
+    def model_config(self, in_channels: int = 3, num_classes: int = 10) -> ModelConfig:
+        """The model section; channels and classes come from the training data."""
+        return ModelConfig(
+            name=self.model, wbits=self.wbits, abits=self.abits, width=self.width, depth=self.depth,
+            residual_lambda=self.residual_lambda, in_channels=in_channels, num_classes=num_classes,
+            act_range=self.act_range, end_bits=self.end_bits, bn_gain_max=self.bn_gain_max,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"invalid config: {e}") from None
 
 
 def shipped_configs() -> dict[str, str]:
@@ -42,10 +190,70 @@ def _read(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a config file (or the defaults), with non-None overrides applied."""
+    """A TrainConfig from a config file (or the defaults), with the given overrides applied.
+
+    ``None`` overrides are ignored (a flag that was not given); to set a field to ``None``
+    (full precision bits) pass ``'float'``.
+    """
     base = TrainConfig.from_dict(_read(name_or_path)) if name_or_path else TrainConfig()
     known = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {', '.join(bad)}")
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _bits_arg(text: str) -> str:
+    """argparse type of --wbits/--abits: validated here, parsed by TrainConfig (so 'float' is not 'absent')."""
+    try:
+        parse_bits(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("invalid bit width ", "")) from None
+    return text
+
+
+def _flag_type(f: Any) -> Any:
+    ann = str(f.type)
+    if f.metadata.get("bits"):
+        return _bits_arg
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per TrainConfig field (absent flags leave the config file's value)."""
+    groups: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        g = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        shown = "float" if meta.get("bits") and default is None else default
+        help_ = f"{meta['help']} (default: {shown})"
+        if str(f.type) == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            continue
+        kw: dict[str, Any] = {"type": _flag_type(f), "default": argparse.SUPPRESS, "help": help_}
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        if "metavar" in meta:
+            kw["metavar"] = meta["metavar"]
+        g.add_argument(flag, **kw)
+
+
+def overrides_from(ns: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields a parsed command line set explicitly."""
+    return {f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)}
+
+
+def stored_config(cfg_json: dict[str, Any], where: str = "config.json") -> TrainConfig:
+    """The TrainConfig of a run directory's config.json (``train`` section)."""
+    try:
+        return TrainConfig.from_dict(cfg_json["train"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{where} has no valid 'train' section ({e})") from None

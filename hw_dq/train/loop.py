@@ -11,110 +11,27 @@ with exactly the weights of an uninterrupted one. Runs under ``torchrun`` with D
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from hw_dq import run as rd
-from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator
+from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator, to_float
 from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
-from hw_dq.nn.models import MODELS, ModelConfig, model_from_config
-from hw_dq.nn.quant import parse_bits
+from hw_dq.nn.models import model_from_config
+from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
+from hw_dq.train import adversarial as adv
+from hw_dq.train.config import ADV_TRAIN, SCHEDULES, TrainConfig, stored_config
 
-SCHEDULES = ("cosine", "step")
-ADV_TRAIN = ("none", "pgd", "fgsm")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as config.json in the run directory)."""
-
-    model: str = "cnv"
-    wbits: int | None = 2
-    abits: int | None = 2
-    width: float | None = None
-    depth: int = 28
-    residual_lambda: float = 0.5
-    beta: float = 0.0
-    lipschitz_target: str = "weight"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])
-    lr_gamma: float = 0.2
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    data: str = "sample"
-    data_dir: str | None = None
-    download: bool = False
-    train_subset: int | None = None
-    test_subset: int | None = None
-    adv_train: str = "none"
-    adv_eps: float = 8.0
-    adv_steps: int = 7
-    adv_alpha: float | None = None
-    init_from: str | None = None
-    checkpoint_every: int = 0
-    grad_clip: float = 0.0  # max global gradient norm (0 = off); the same for FP, VQ and DQ
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.wbits = parse_bits(self.wbits, "weight bit width (--wbits)")
-        self.abits = parse_bits(self.abits, "activation bit width (--abits)")
-        checks = [
-            (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
-            (self.beta >= 0 and math.isfinite(self.beta), f"invalid beta {self.beta}: must be >= 0"),
-            (self.lipschitz_target in lipschitz.TARGETS,
-             f"unknown Lipschitz target {self.lipschitz_target!r}; choose one of {', '.join(lipschitz.TARGETS)}"),
-            (self.epochs >= 1, f"invalid epochs {self.epochs}: must be >= 1"),
-            (self.batch_size >= 1, f"invalid batch size {self.batch_size}: must be >= 1"),
-            (self.lr > 0, f"invalid learning rate {self.lr}: must be > 0"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
-            (self.adv_train in ADV_TRAIN,
-             f"unknown adversarial training {self.adv_train!r}; choose one of {', '.join(ADV_TRAIN)}"),
-            (0 <= self.adv_eps <= 255, f"invalid --adv-eps {self.adv_eps}: use 0..255 (units of 1/255)"),
-            (self.adv_steps >= 1, f"invalid adv steps {self.adv_steps}: must be >= 1"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.grad_clip >= 0, f"invalid grad_clip {self.grad_clip}: must be >= 0 (0 = off)"),
-        ]  # fmt: skip
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-
-    @property
-    def mode(self) -> str:
-        """FP (quantizers off), VQ (beta = 0) or DQ (beta > 0)."""
-        if self.wbits is None and self.abits is None:
-            return "FP"
-        return "DQ" if self.beta > 0 else "VQ"
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            name=self.model, wbits=self.wbits, abits=self.abits, width=self.width,
-            depth=self.depth, residual_lambda=self.residual_lambda,
-        )  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**d)
+__all__ = ["ADV_TRAIN", "SCHEDULES", "TrainConfig", "evaluate", "fit", "lr_at", "train"]
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -127,44 +44,6 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / max(1, total)))
     epoch = step / steps_per_epoch
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= m * cfg.epochs for m in cfg.milestones)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Use batch statistics but leave BatchNorm's running statistics untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (mom, nbt) in zip(bns, saved, strict=True):
-            m.momentum = mom
-            m.num_batches_tracked.copy_(nbt)
-
-
-def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Adversarial examples for training: PGD-k or FGSM with random start (Wong et al. 2020).
-
-    Written here rather than taken from ART: it runs inside the training step on the
-    model's own device with BatchNorm in batch-statistics mode, with no numpy round trip.
-    """
-    eps = cfg.adv_eps / 255.0
-    if cfg.adv_train == "fgsm":
-        steps, alpha = 1, (cfg.adv_alpha / 255.0 if cfg.adv_alpha else 1.25 * eps)
-    else:
-        steps, alpha = cfg.adv_steps, (cfg.adv_alpha / 255.0 if cfg.adv_alpha else 2.5 * eps / cfg.adv_steps)
-    delta = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x) * eps
-    delta = (x + delta).clamp(0, 1) - x
-    with frozen_bn_stats(model):
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y)
-            (g,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
 
 
 @torch.no_grad()
@@ -202,11 +81,16 @@ def _init_dist(device: str) -> _Dist:
 
 
 def _resolve_device(cfg: TrainConfig, d: _Dist) -> str:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{d.local_rank}" if d.world > 1 else "cuda"
-        return "cpu"
-    return cfg.device
+    """The one device resolver (:func:`hw_dq.run.resolve_device`), plus the local rank under torchrun."""
+    if cfg.device == "auto" and d.world > 1 and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}"
+    return rd.resolve_device(cfg.device)
+
+
+def _calibration_state(model: nn.Module) -> dict[str, nn.Module]:
+    """Learned activation ranges whose statistics-calibration counter and running buffer live outside
+    Brevitas' state_dict: a checkpoint must carry them, or a resumed run calibrates differently."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LearnedRange)}
 
 
 def _checkpoint_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -215,24 +99,56 @@ def _checkpoint_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[st
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             t[f"optim.{i}.momentum_buffer"] = buf
+    for n, m in _calibration_state(model).items():
+        t[f"calib.{n}.counter"] = torch.tensor([int(m.counter)])
+        t[f"calib.{n}.buffer"] = m.buffer.detach().clone()
+        # during calibration Brevitas' state_dict stores the running statistic as the value
+        t[f"calib.{n}.value"] = m.value.detach().clone()
     return t
 
 
-def _restore(model: nn.Module, opt: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    tensors, meta = rd.load_tensors(path)
+def _restore_model(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     rd.load_state(model, state, path)
-    params = opt.param_groups[0]["params"]
-    for i, p in enumerate(params):
+    for n, m in _calibration_state(model).items():
+        if f"calib.{n}.counter" in tensors:
+            m.counter = int(tensors[f"calib.{n}.counter"][0])
+            with torch.no_grad():
+                m.buffer.copy_(tensors[f"calib.{n}.buffer"])
+                m.value.copy_(tensors[f"calib.{n}.value"])
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for i, p in enumerate(opt.param_groups[0]["params"]):
         buf = tensors.get(f"optim.{i}.momentum_buffer")
         if buf is not None:
             opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
-    return meta
 
 
-def _init_from(model: nn.Module, src: str) -> None:
+# model-section fields that must agree between a run and the run it starts from (bits may differ:
+# fine-tuning a quantized model from its full-precision twin is the point of --init-from)
+_SAME_ARCH = ("name", "width", "depth", "in_channels", "num_classes")
+
+
+def _init_from(model: nn.Module, src: str, mcfg: dict[str, Any], scheme_here: str) -> None:
     path = Path(src)
-    path = path / rd.MODEL if path.is_dir() else path
+    if path.is_dir():
+        cfg_src = rd.read_json(path / rd.CONFIG) if (path / rd.CONFIG).is_file() else None
+        if cfg_src is not None:
+            other = cfg_src.get("model", {})
+            diff = [k for k in _SAME_ARCH if k in other and other[k] != mcfg.get(k)]
+            if diff:
+                k = diff[0]
+                raise ConfigError(
+                    f"--init-from {src} is a different architecture ({k} {other[k]!r} there, {mcfg.get(k)!r} here); "
+                    "start from a run of the same model, width and data"
+                )
+            scheme = cfg_src.get("quant_scheme", QUANT_SCHEME)
+            if scheme != scheme_here and (other.get("wbits"), other.get("abits")) != (None, None):
+                raise ConfigError(
+                    f"--init-from {src} was trained under quantizers '{scheme}', not '{scheme_here}'; retrain it"
+                )
+        path = path / rd.MODEL
     tensors, _ = rd.load_tensors(path)
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     rd.load_state(model, state, path)
@@ -242,27 +158,26 @@ def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
     ckpt = run / rd.CHECKPOINT
     if resume:
         if (run / rd.CONFIG).is_file():
-            stored = rd.read_json(run / rd.CONFIG)
             try:
-                return TrainConfig.from_dict(stored["train"])
-            except (KeyError, TypeError) as e:
-                raise CheckpointError(f"{run / rd.CONFIG} has no valid 'train' section ({e})") from None
+                return stored_config(rd.read_json(run / rd.CONFIG), str(run / rd.CONFIG))
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from None
         return cfg
     if ckpt.exists() or (run / rd.MODEL).exists():
         raise ConfigError(f"{run} already holds a training run; pass --resume to continue it or choose another --out")
     return cfg
 
 
-def run_config(cfg: TrainConfig) -> dict[str, Any]:
+def run_config(cfg: TrainConfig, in_channels: int = 3, num_classes: int = 10) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
     import hw_dq
-    from hw_dq.nn.quant import QUANT_SCHEME
 
+    mcfg = cfg.model_config(in_channels, num_classes)
     return {
         "hw_dq_version": hw_dq.__version__,
-        "quant_scheme": QUANT_SCHEME,
+        "quant_scheme": mcfg.quant_scheme,
         "mode": cfg.mode,
-        "model": cfg.model_config().to_dict(),
+        "model": mcfg.to_dict(),
         "train": asdict(cfg),
     }
 
@@ -270,6 +185,46 @@ def run_config(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train into run directory ``out``; returns the final metrics row."""
     return fit(cfg, out, resume, progress)[1]
+
+
+@dataclass
+class _Data:
+    train: ArrayDataset
+    test: ArrayDataset
+    holdout: ArrayDataset | None  # robust runs: training images kept out for the per-epoch PGD check
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        _, h, w, c = self.train.x.shape
+        return (c, h, w)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.train.num_classes, self.test.num_classes)
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    train_ds = load_split(cfg.data, "train", cfg.data_dir, cfg.download).take(cfg.train_subset, cfg.seed)
+    test_ds = load_split(cfg.data, "test", cfg.data_dir, cfg.download).take(cfg.test_subset, cfg.seed)
+    holdout = None
+    if cfg.adv.active and cfg.robust_eval_n:
+        if cfg.robust_eval_n >= len(train_ds) // 2:
+            raise ConfigError(
+                f"--robust-eval-n {cfg.robust_eval_n} would hold out half or more of the {len(train_ds)} training "
+                "images; lower it (or 0 to switch the per-epoch robust check off)"
+            )
+        idx = np.random.default_rng(cfg.seed + 7919).permutation(len(train_ds))
+        keep, held = np.sort(idx[cfg.robust_eval_n :]), np.sort(idx[: cfg.robust_eval_n])
+        holdout = ArrayDataset(train_ds.x[held], train_ds.y[held], f"{train_ds.name} (held out)")
+        train_ds = ArrayDataset(train_ds.x[keep], train_ds.y[keep], train_ds.name)
+    return _Data(train_ds, test_ds, holdout)
+
+
+def _robust_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, device: str) -> float:
+    x = to_float(torch.from_numpy(holdout.x))
+    y = torch.from_numpy(holdout.y)
+    model.to(device)
+    return adv.robust_accuracy(model, x, y, cfg.adv_eps, steps=10, seed=cfg.seed)
 
 
 def fit(
@@ -282,29 +237,36 @@ def fit(
     cfg = _prepare_run_dir(run, cfg, resume)
     dist_ = _init_dist(cfg.device)
     device = _resolve_device(cfg, dist_)
-    train_ds = load_split(cfg.data, "train", cfg.data_dir, cfg.download).take(cfg.train_subset, cfg.seed)
-    test_ds = load_split(cfg.data, "test", cfg.data_dir, cfg.download).take(cfg.test_subset, cfg.seed)
+    data = _load_data(cfg)
+    train_ds = data.train
     if dist_.world > 1 and cfg.batch_size % dist_.world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist_.world} processes")
 
     torch.manual_seed(cfg.seed)
-    model = model_from_config(cfg.model_config()).to(device)
+    mcfg = cfg.model_config(data.shape[0], data.num_classes)
+    model = model_from_config(mcfg).to(device)
     if cfg.init_from and not (resume and (run / rd.CHECKPOINT).exists()):
-        _init_from(model, cfg.init_from)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
-    )  # fmt: skip
+        _init_from(model, cfg.init_from, mcfg.to_dict(), mcfg.quant_scheme)
     start_epoch, start_step, sums = 0, 0, {}
+    resumed: dict[str, torch.Tensor] | None = None
     if resume and (run / rd.CHECKPOINT).exists():
-        meta = _restore(model, opt, run / rd.CHECKPOINT)
+        resumed, meta = rd.load_tensors(run / rd.CHECKPOINT)
+        # the model first: Brevitas may re-create a quantizer's parameter while loading, and the
+        # optimizer must hold the parameters the forward pass uses
+        _restore_model(model, resumed, run / rd.CHECKPOINT)
         start_epoch, start_step, sums = meta["epoch"], meta["step"], meta.get("sums", {})
         if meta.get("done"):
             model.eval()
             return model, (rd.read_jsonl(run / rd.METRICS) or [{}])[-1]
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    if resumed is not None:
+        _restore_optimizer(opt, resumed)
     if dist_.main:
         run.mkdir(parents=True, exist_ok=True)
-        rd.write_json(run / rd.CONFIG, run_config(cfg))
+        rd.write_json(run / rd.CONFIG, run_config(cfg, data.shape[0], data.num_classes))
         rd.truncate_metrics(run / rd.METRICS, start_epoch)
 
     net: nn.Module = model
@@ -322,6 +284,8 @@ def fit(
             rd.save_tensors(run / rd.CHECKPOINT, _checkpoint_tensors(model, opt), meta)
 
     reg_layers = lipschitz.lipschitz_layers(model)  # found once, not on every step
+    recipe = cfg.adv
+    history = [r["holdout_pgd_acc"] for r in rd.read_jsonl(run / rd.METRICS) if "holdout_pgd_acc" in r]
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -338,10 +302,7 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             xb, yb = xb.to(device), yb.to(device)
-            if cfg.adv_train != "none":
-                xb = perturb(net, xb, yb, cfg, seeded_generator(cfg.seed, epoch, step, 31))
-            logits = net(xb)
-            ce = F.cross_entropy(logits, yb)
+            ce, logits = adv.adversarial_loss(net, xb, yb, recipe, seeded_generator(cfg.seed, epoch, step, 31))
             reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
             loss = ce + reg
             if not torch.isfinite(loss.detach()):
@@ -355,6 +316,8 @@ def fit(
                 # the orthogonality penalty's gradient is cubic in W: one large step can blow it up
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if cfg.lipschitz_project:
+                lipschitz.project_(model, cfg.lipschitz_project, target=cfg.lipschitz_target, sample_shape=data.shape)
             n = yb.shape[0]
             s["loss"] += float(loss.detach()) * n
             s["ce"] += float(ce.detach()) * n
@@ -372,7 +335,8 @@ def fit(
 
             for b in model.buffers():
                 dist.broadcast(b, 0)
-        rep = lipschitz.report(model, _sample_shape(train_ds), iters=60)  # per-epoch estimate
+        check_ranges(model)  # a learned activation range that collapsed stops the run (checkpoint intact)
+        rep = lipschitz.report(model, data.shape, iters=60)  # per-epoch estimate
         seen = max(1.0, s["seen"])
         row = {
             "epoch": epoch,
@@ -380,38 +344,54 @@ def fit(
             "loss": s["loss"] / seen,
             "ce": s["ce"] / seen,
             "reg": s["reg"] / seen,
-            "train_acc": s["correct"] / seen,
-            "test_acc": evaluate(model, test_ds, device=device),
+            "train_acc": s["correct"] / seen,  # on the adversarial examples for a robust recipe
+            "test_acc": evaluate(model, data.test, device=device),
             "mean_op_norm": rep["mean_norm_folded"],
             "lipschitz_bound": rep["network_bound"],
-            "time_s": time.time() - t0,
         }
+        if data.holdout is not None:
+            acc = _robust_check(model, data.holdout, cfg, device)
+            row["holdout_pgd_acc"] = acc
+            row["collapse"] = adv.collapsed(history, acc)
+            if dist_.main and cfg.keep_best and acc > max(history, default=-1.0):
+                tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+                rd.save_tensors(run / BEST, tensors, {"epoch": epoch, "holdout_pgd_acc": acc})
+            history.append(acc)
+        row["time_s"] = time.time() - t0
         sums = {}
         if dist_.main:
             rd.append_jsonl(run / rd.METRICS, row)
             save(epoch + 1, 0, {}, done=epoch + 1 == cfg.epochs)
             if progress:
+                rob = f" held-out PGD-10 {row['holdout_pgd_acc']:.3f}" if "holdout_pgd_acc" in row else ""
                 print(
-                    f"[{cfg.mode} {cfg.model} w{cfg.wbits or 'f'}a{cfg.abits or 'f'} beta={cfg.beta:g}] "
+                    f"[{cfg.mode} {cfg.model} {cfg.tag} beta={cfg.beta:g} {cfg.adv_train}] "
                     f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} train {row['train_acc']:.3f} "
-                    f"test {row['test_acc']:.3f} op-norm {row['mean_op_norm']:.3f} ({row['time_s']:.1f}s)",
+                    f"test {row['test_acc']:.3f}{rob} op-norm {row['mean_op_norm']:.3f} ({row['time_s']:.1f}s)",
                     flush=True,
                 )
+                if row.get("collapse"):
+                    print(
+                        f"hw-dq: warning: held-out PGD accuracy collapsed to {row['holdout_pgd_acc']:.3f} "
+                        f"(best {max(history):.3f}): catastrophic overfitting; the best epoch's weights are kept",
+                        flush=True,
+                    )
     if dist_.main:
-        finish(model, cfg, run, _sample_shape(train_ds))
+        if data.holdout is not None and cfg.keep_best and (run / BEST).is_file():
+            tensors, _ = rd.load_tensors(run / BEST)
+            rd.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, run / BEST)
+        finish(model, cfg, run, data)
     model.eval()
     return model, row
 
 
-def _sample_shape(ds: ArrayDataset) -> tuple[int, int, int]:
-    _, h, w, c = ds.x.shape
-    return (c, h, w)
+BEST = "best_robust.safetensors"
 
 
-def finish(model: nn.Module, cfg: TrainConfig, run: Path, sample_shape: tuple[int, ...]) -> None:
+def finish(model: nn.Module, cfg: TrainConfig, run: Path, data: _Data) -> None:
     """Write the final weights and the Lipschitz diagnostic into the run directory."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    rd.save_tensors(run / rd.MODEL, tensors, {"config": run_config(cfg)})
-    rep = lipschitz.report(model, sample_shape)
+    rd.save_tensors(run / rd.MODEL, tensors, {"config": run_config(cfg, data.shape[0], data.num_classes)})
+    rep = lipschitz.report(model, data.shape)
     rd.write_json(run / "lipschitz.json", rep)
     rd.write_text(run / "lipschitz.md", lipschitz.table(rep) + "\n")

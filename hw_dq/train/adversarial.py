@@ -1,0 +1,152 @@
+"""Adversarial training inside QAT: PGD-k, FGSM with random start, N-FGSM and TRADES steps.
+
+Every recipe crafts its examples with the project's one attack engine
+(:mod:`hw_dq.robust.engine`) through the same quantized forward pass the update uses, at the
+deployed bit widths, with BatchNorm in batch-statistics mode and its running statistics left
+untouched. The held-out robust accuracy tracked every epoch uses the same engine in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from hw_dq.nn.quant import LearnedRange
+from hw_dq.robust import engine
+
+# name -> one-line description (shown by --help and the README)
+RECIPES: dict[str, str] = {
+    "none": "clean QAT",
+    "pgd": "PGD-k with random start (Madry et al. 2018)",
+    "fgsm": "FGSM with random start, step 1.25 eps (Wong et al. 2020); prone to catastrophic overfitting",
+    "nfgsm": "N-FGSM: noise 2 eps, step eps, no projection (de Jorge et al. 2022); resists catastrophic overfitting",
+    "trades": "TRADES: CE(clean) + beta * KL(adv || clean), PGD-k on the KL (Zhang et al. 2019)",
+}
+
+
+@dataclass(frozen=True)
+class AdvRecipe:
+    """One adversarial-training recipe; eps and alpha in units of 1/255."""
+
+    kind: str = "none"
+    eps: float = 8.0
+    steps: int = 7
+    alpha: float | None = None
+    trades_beta: float = 6.0
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Use batch statistics but leave BatchNorm's running statistics untouched.
+
+    Learned activation ranges still calibrating from batch statistics are frozen too: the attack's
+    forward passes must not count as calibration batches.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    ranges = [m for m in model.modules() if isinstance(m, LearnedRange)]
+    calib = [(m.counter, m.buffer.detach().clone(), m.value.detach().clone()) for m in ranges]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved, strict=True):
+            m.momentum = mom
+            m.num_batches_tracked.copy_(nbt)
+        with torch.no_grad():
+            for m, (counter, buf, value) in zip(ranges, calib, strict=True):
+                if m.counter != counter:  # calibration moved on (or ended, which sets the value in place)
+                    m.counter = counter
+                    m.buffer.copy_(buf)
+                    m.value.copy_(value)
+
+
+def _kl(logits: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(p_clean || softmax(logits)) as TRADES maximises and penalises it."""
+    return F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)
+
+
+def craft(net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: torch.Generator) -> torch.Tensor:
+    """Adversarial examples for one training batch (the model stays in train mode, BN frozen)."""
+    eps = r.eps / 255.0
+    alpha = None if r.alpha is None else r.alpha / 255.0
+    with frozen_bn_stats(net):
+        if r.kind == "pgd":
+            return engine.pgd(net, x, y, eps, steps=r.steps, alpha=alpha, generator=gen, keep_best=False)
+        if r.kind == "fgsm":
+            return engine.pgd(net, x, y, eps, steps=1, alpha=alpha or 1.25 * eps, generator=gen, keep_best=False)
+        if r.kind == "nfgsm":
+            return engine.pgd(
+                net, x, y, eps, steps=1, alpha=alpha or eps, init_radius=2 * eps, project=False,
+                generator=gen, keep_best=False,
+            )  # fmt: skip
+        if r.kind == "trades":
+            with torch.no_grad():
+                p_clean = F.softmax(net(x), 1)
+            return engine.pgd(
+                net, x, p_clean, eps, steps=r.steps, alpha=alpha or eps / 4, init_radius=0.001,
+                loss_fn=_kl, generator=gen, keep_best=False,
+            )  # fmt: skip
+    raise ValueError(f"unknown adversarial recipe {r.kind!r}")
+
+
+def adversarial_loss(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, logits whose accuracy is reported) for one batch under recipe ``r``."""
+    if not r.active:
+        logits = net(x)
+        return F.cross_entropy(logits, y), logits
+    x_adv = craft(net, x, y, r, gen)
+    if r.kind == "trades":
+        logits = net(x)
+        logits_adv = net(x_adv)
+        robust = _kl(logits_adv, F.softmax(logits, 1)).mean()
+        return F.cross_entropy(logits, y) + r.trades_beta * robust, logits_adv
+    logits = net(x_adv)
+    return F.cross_entropy(logits, y), logits
+
+
+def robust_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_255: float,
+    steps: int = 10,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """Held-out PGD-``steps`` robust accuracy (eval mode, one random start): the early-stopping signal."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    try:
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            xa = engine.pgd(model, xb, yb, eps_255 / 255.0, steps=steps, generator=gen)
+            with torch.no_grad():
+                correct += int(((model(xa).argmax(1) == yb) & (model(xb).argmax(1) == yb)).sum())
+    finally:
+        model.train(was)
+    return correct / max(1, len(y))
+
+
+def collapsed(history: list[float], current: float, drop: float = 0.5, floor: float = 0.05) -> bool:
+    """Catastrophic overfitting: held-out robust accuracy fell below ``drop`` x its best so far.
+
+    ``floor`` keeps noise at near-zero accuracies (the first epochs) from counting as a collapse.
+    """
+    best = max(history, default=0.0)
+    return best >= floor and current < drop * best
