@@ -17,7 +17,7 @@ from hw_dq.errors import HwDqError
 EXIT_USAGE = 2
 # Each later pipeline stage adds its verbs in its own module: register(subparsers) adds
 # sub-parsers whose ``func(args) -> int`` raises HwDqError for user errors.
-VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval", "hw_dq.cli.certify")
+VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval", "hw_dq.cli.faults", "hw_dq.cli.certify")
 
 
 def _no_default(action: argparse.Action) -> bool:
@@ -56,74 +56,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"hw-dq: error: {message} (see '{self.prog} --help')\n")
 
 
-def _bits(text: str) -> int | str:
-    """Validate a bit width; 'float' stays a string so it differs from 'not given'."""
-    from hw_dq.nn.quant import parse_bits
-
-    try:
-        bits = parse_bits(text)
-        return "float" if bits is None else bits
-    except HwDqError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("invalid bit width ", "")) from None
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from hw_dq.data import DATASETS
-    from hw_dq.nn.lipschitz import TARGETS
-    from hw_dq.nn.models import MODELS
-    from hw_dq.train.loop import ADV_TRAIN, SCHEDULES
+    from hw_dq.train.config import add_arguments
 
     p.add_argument("--config", help="JSON config file or shipped config name (see 'hw-dq configs'); flags override it")
     p.add_argument(
         "--out", required=True, metavar="RUN_DIR", help="run directory to create (or continue with --resume)"
     )
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS)
-    g.add_argument("--wbits", type=_bits, help="weight bits 1..8 or 'float'")
-    g.add_argument("--abits", type=_bits, help="activation bits 1..8 or 'float'")
-    g.add_argument("--width", type=float, help="channel multiplier (cnv/tiny) or widening factor (wrn)")
-    g.add_argument("--depth", type=int, help="WRN depth (6n+4)")
-    g = p.add_argument_group("defensive quantization")
-    g.add_argument("--beta", type=float, help="Lipschitz regularisation strength (0 = vanilla quantization)")
-    g.add_argument("--lipschitz-target", choices=TARGETS, help="regularise W ('weight') or BN-folded W")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", choices=SCHEDULES)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--init-from", metavar="RUN_DIR", help="start from another run's weights (e.g. an FP run)")
-    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
-    g.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm (0 = off)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, help="dataset (default: the embedded CIFAR-10 sample)")
-    g.add_argument("--data-dir", help="local copy of the dataset")
-    g.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
-    g.add_argument("--train-subset", type=int, metavar="N", help="train on N examples only")
-    g.add_argument("--test-subset", type=int, metavar="N", help="evaluate each epoch on N test examples")
-    g = p.add_argument_group("adversarial training")
-    g.add_argument("--adv-train", choices=ADV_TRAIN)
-    g.add_argument("--adv-eps", type=float, help="Linf eps in units of 1/255")
-    g.add_argument("--adv-steps", type=int, help="PGD steps")
+    add_arguments(p)  # one flag per TrainConfig field, generated from the dataclass
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-TRAIN_KEYS = (
-    "model", "wbits", "abits", "width", "depth", "beta", "lipschitz_target", "epochs", "batch_size",
-    "lr", "weight_decay", "schedule", "seed", "init_from", "checkpoint_every", "grad_clip", "device", "data",
-    "data_dir", "download", "train_subset", "test_subset", "adv_train", "adv_eps", "adv_steps",
-)  # fmt: skip
-
-
 def cmd_train(a: argparse.Namespace) -> int:
-    from hw_dq.train.config import load_config
+    from hw_dq.train.config import load_config, overrides_from
     from hw_dq.train.loop import train
 
-    overrides = {k: getattr(a, k) for k in TRAIN_KEYS}
-    cfg = load_config(a.config, **overrides)
+    cfg = load_config(a.config, **overrides_from(a))
     row = train(cfg, a.out, resume=a.resume, progress=not a.quiet)
     if row:
         print(f"done: {a.out} (test accuracy {100 * row.get('test_acc', 0):.2f}%)")
