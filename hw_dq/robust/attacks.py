@@ -1,22 +1,24 @@
-"""Attack stage: evasion attacks from the Adversarial Robustness Toolbox (ART).
+"""Attack stage: run one attack of the registry on a PyTorch model and count its robust accuracy.
 
 Inputs are in [0, 1]; ``eps`` is given in units of 1/255 for every attack. For Linf attacks
 it is the Linf radius (RobustBench's 8/255 is ``eps=8``); for the L2 attacks (``pgd-l2``,
-``cw-l2``) ``eps/255`` is the L2 radius (RobustBench's L2 0.5 is ``eps=127.5``).
+``cw-l2``, ``autoattack-l2``) ``eps/255`` is the L2 radius (RobustBench's L2 0.5 is ``eps=127.5``).
 
-The model sees the whole pipeline (its 8-bit input quantizer included); gradients through
-Brevitas' quantizers are straight-through estimates, which is exactly why quantized models
-need black-box (``square``) and transfer (``transfer-pgd``) checks before a robustness
-number is trusted (see :mod:`hw_dq.robust.sanity`).
+Which attacks exist and how each is made is :mod:`hw_dq.robust.registry`: the native engine
+(:mod:`hw_dq.robust.engine`) for FGSM/R+FGSM/PGD, the authors' AutoAttack
+(:mod:`hw_dq.robust.autoattack`), the adaptive attacks (:mod:`hw_dq.robust.adaptive`), and ART
+for what only it has (CW-L2, and the earlier ``art-apgd-square`` composition kept for comparison).
 
 Robust accuracy counts an example as robust only when the clean input *and* the
-adversarial one are classified correctly (the clean input lies inside every eps-ball).
+adversarial one are classified correctly (the clean input lies inside every eps-ball); the
+per-image flags are kept so that results can take the per-image worst case over attacks.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,22 +26,12 @@ import torch
 from torch import nn
 
 from hw_dq.errors import ConfigError
+from hw_dq.robust.registry import ATTACKS as REGISTRY
+from hw_dq.robust.registry import AttackContext, Crafted, check
 
-# name -> (kind, norm); kind: white (gradients), black (scores only), ensemble, transfer
-ATTACKS: dict[str, tuple[str, str]] = {
-    "fgsm": ("white", "Linf"),
-    "rfgsm": ("white", "Linf"),
-    "pgd": ("white", "Linf"),
-    "pgd-l2": ("white", "L2"),
-    "cw-l2": ("white", "L2"),
-    "apgd-ce": ("white", "Linf"),
-    "apgd-t": ("white", "Linf"),
-    "square": ("black", "Linf"),
-    "autoattack": ("ensemble", "Linf"),
-    "transfer-pgd": ("transfer", "Linf"),
-}
+# name -> (kind, norm), derived from the registry (kept for callers of the earlier table)
+ATTACKS: dict[str, tuple[str, str]] = {k: (a.kind, a.norm) for k, a in REGISTRY.items() if a.sw is not None}
 WHITE_BOX = tuple(k for k, (kind, _) in ATTACKS.items() if kind == "white")
-SINGLE_STEP = ("fgsm", "rfgsm")
 
 
 @dataclass
@@ -56,6 +48,7 @@ class AttackParams:
     square_restarts: int = 1
     cw_iters: int = 20
     cw_search_steps: int = 5
+    adaptive_steps_factor: int = 2  # BPDA / temperature PGD run this many times the PGD steps
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
@@ -93,14 +86,19 @@ class AttackResult:
     norm: str = "Linf"
     max_perturbation: float = 0.0  # largest ||x_adv - x|| in the attack's norm, [0, 1] units
     breakdown: dict = field(default_factory=dict)  # per-component robust accuracy (autoattack)
+    kind: str = "white"
+    robust: list[bool] = field(default_factory=list)  # per image: survived (clean and adversarial correct)
+    warnings: list[str] = field(default_factory=list)  # what the attack library itself warned about
+
+    @property
+    def robust_mask(self) -> str:
+        """The per-image flags as a string of 0/1 (how result files store them)."""
+        return "".join("1" if r else "0" for r in self.robust)
 
 
 def check_attack(name: str, eps_255: float) -> None:
-    """Raise ConfigError for an unknown attack name or a negative/non-finite eps."""
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    if not np.isfinite(eps_255) or eps_255 < 0:
-        raise ConfigError(f"invalid eps {eps_255}: must be >= 0 (units of 1/255)")
+    """Raise ConfigError for an unknown attack name or a negative/non-finite eps (see the registry)."""
+    check(name, eps_255)
 
 
 def _norm(norm: str) -> float:
@@ -187,15 +185,14 @@ def _targeted_apgd(clf: Any, atk: Any, x: np.ndarray, y: np.ndarray, robust: np.
     return x_adv
 
 
-def autoattack(
+def art_apgd_square(
     clf: Any, x: np.ndarray, y: np.ndarray, eps: float, bs: int, p: AttackParams
 ) -> tuple[np.ndarray, dict, dict]:
-    """AutoAttack's standard sequence with ART components: APGD-CE, APGD-T, Square.
+    """The earlier composition of ART attacks (APGD-CE, APGD-T, Square); *not* AutoAttack.
 
-    Each attack runs only on the examples still robust, and the per-example worst case is
-    kept (what AutoAttack does). FAB-T is left out: ART has no FAB; in AutoAttack's own
-    reports FAB-T rarely lowers the accuracy left after APGD-T (the breakdown shows what
-    each component removed, so a reader can judge).
+    Kept under the name ``art-apgd-square`` so that its numbers can be compared with the
+    reference AutoAttack (benchmarks/autoattack_vs_composite.py). Each attack runs only on
+    the examples still robust and the per-example worst case is kept; it has no FAB-T.
     """
     robust = _predict(clf, x, bs) == y
     x_adv = x.copy()
@@ -218,6 +215,35 @@ def autoattack(
     return x_adv, params, breakdown
 
 
+def craft(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str,
+    eps_255: float,
+    *,
+    seed: int = 0,
+    batch_size: int = 128,
+    params: AttackParams | None = None,
+    source: nn.Module | None = None,
+    state_dir: Path | None = None,
+    state_name: str = "robustness",
+    version: str = "standard",
+    progress: Any = None,
+) -> Crafted:
+    """Adversarial examples of ``attack`` (a registry name) against ``model``, on its device."""
+    entry = check(attack, eps_255)
+    ctx = AttackContext(model, params or AttackParams(), seed, batch_size, source, state_dir, state_name, version,
+                        progress)  # fmt: skip
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    x, y = x.detach().cpu().float(), y.detach().cpu()
+    if eps_255 == 0:
+        return Crafted(x.clone())
+    assert entry.sw is not None
+    return entry.sw(ctx, x, y, eps_255 / 255.0)
+
+
 def generate(
     model: nn.Module,
     x: torch.Tensor,
@@ -230,34 +256,20 @@ def generate(
     params: AttackParams | None = None,
     source: nn.Module | None = None,
 ) -> tuple[np.ndarray, dict, dict]:
-    """Adversarial examples (numpy, [0, 1]) of ``attack`` against ``model``.
+    """Adversarial examples (numpy, [0, 1]) of ``attack``: (x_adv, attack parameters, breakdown).
 
     ``transfer-pgd`` crafts PGD examples on ``source`` (e.g. the full-precision twin).
-    Returns (x_adv, attack parameters, breakdown).
     """
-    check_attack(attack, eps_255)
-    p = params or AttackParams()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    xn, yn = x.numpy().astype(np.float32), y.numpy()
-    eps = eps_255 / 255.0
-    if eps_255 == 0:
-        return xn.copy(), {}, {}
-    shape = tuple(x.shape[1:])
-    if attack == "transfer-pgd":
-        if source is None:
-            raise ConfigError("transfer-pgd needs a source model (--transfer-from RUN_DIR, e.g. the FP twin)")
-        src = art_classifier(source, shape)
-        atk, par = make_attack(attack, src, eps, batch_size, p)
-        return atk.generate(xn, y=yn), par, {}
-    clf = art_classifier(model, shape)
-    if attack == "autoattack":
-        return autoattack(clf, xn, yn, eps, batch_size, p)
-    atk, par = make_attack(attack, clf, eps, batch_size, p)
-    if attack == "apgd-t":
-        robust = _predict(clf, xn, batch_size) == yn
-        return _targeted_apgd(clf, atk, xn, yn, robust, p.apgd_targets, batch_size), par, {}
-    return atk.generate(xn, y=yn).astype(np.float32), par, {}
+    c = craft(model, x, y, attack, eps_255, seed=seed, batch_size=batch_size, params=params, source=source)
+    return c.x_adv.numpy().astype(np.float32), c.params, c.breakdown
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Top-1 labels (CPU) of ``x`` in batches on the model's device, without gradients."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = [model(xb.to(dev)).argmax(1).cpu() for xb in x.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def robust_accuracy(
@@ -272,43 +284,38 @@ def robust_accuracy(
     params: AttackParams | None = None,
     source: nn.Module | None = None,
     return_adv: bool = False,
+    state_dir: Path | None = None,
+    state_name: str = "robustness",
+    version: str = "standard",
+    progress: Any = None,
 ) -> AttackResult | tuple[AttackResult, np.ndarray]:
     """Accuracy on adversarial examples of ``attack`` at ``eps_255``/255 (see module doc)."""
-    check_attack(attack, eps_255)
+    entry = check(attack, eps_255)
     p = params or AttackParams()
     if steps is not None:
         p = AttackParams(**{**asdict(p), "pgd_steps": steps})
     t0 = time.time()
-    x_adv, par, breakdown = generate(
-        model, x, y, attack, eps_255, seed=seed, batch_size=batch_size, params=p, source=source
-    )
-    clf = art_classifier(model, tuple(x.shape[1:]))
-    yn = y.numpy()
-    ok = (_predict(clf, x.numpy(), batch_size) == yn) & (_predict(clf, x_adv, batch_size) == yn)
-    kind, norm = ATTACKS[attack]
-    delta = (x_adv - x.numpy()).reshape(len(yn), -1)
-    dist = np.abs(delta).max(1) if norm == "Linf" else np.linalg.norm(delta, axis=1)
-    if attack == "cw-l2":  # minimal-perturbation attack: a success counts only inside the ball
-        ok |= (dist > eps_255 / 255.0 + 1e-6) & (_predict(clf, x.numpy(), batch_size) == yn)
+    c = craft(model, x, y, attack, eps_255, seed=seed, batch_size=batch_size, params=p, source=source,
+              state_dir=state_dir, state_name=state_name, version=version, progress=progress)  # fmt: skip
+    x, y = x.detach().cpu().float(), y.detach().cpu()
+    clean_ok = predict(model, x, batch_size) == y
+    ok = clean_ok & (predict(model, c.x_adv, batch_size) == y)
+    if c.robust is not None:  # the attack decided per image itself (AutoAttack, resumed runs included)
+        ok = clean_ok & c.robust
+    delta = (c.x_adv - x).reshape(len(y), -1)
+    dist = delta.abs().amax(1) if entry.norm == "Linf" else delta.norm(dim=1)
+    if entry.counting == "within-eps":  # minimal-perturbation attack: a success counts only inside the ball
+        ok |= (dist > eps_255 / 255.0 + 1e-6) & clean_ok
     r = AttackResult(
-        attack=attack, eps=float(eps_255), robust_acc=float(ok.mean()), n_examples=int(len(yn)),
-        params={"kind": kind, **par}, seed=seed, wall_s=time.time() - t0, norm=norm,
-        max_perturbation=float(dist.max()) if len(dist) else 0.0, breakdown=breakdown,
+        attack=attack, eps=float(eps_255), robust_acc=float(ok.float().mean()) if len(y) else 0.0,
+        n_examples=int(len(y)), params={"kind": entry.kind, **c.params}, seed=seed, wall_s=time.time() - t0,
+        norm=entry.norm, max_perturbation=float(dist.max()) if len(dist) else 0.0, breakdown=c.breakdown,
+        kind=entry.kind, robust=[bool(v) for v in ok], warnings=list(c.warnings),
     )  # fmt: skip
-    return (r, x_adv) if return_adv else r
+    return (r, c.x_adv.numpy()) if return_adv else r
 
 
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy (fraction) in eval mode."""
     model.eval()
-    correct = 0
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            pred = model(x[i : i + batch_size].to(dev)).argmax(1).cpu()
-            correct += int((pred == y[i : i + batch_size]).sum())
-    return correct / max(1, len(y))
-
-
-def as_dict(r: AttackResult) -> dict:
-    return asdict(r)
+    return float((predict(model, x, batch_size) == y.cpu()).float().mean()) if len(y) else 0.0

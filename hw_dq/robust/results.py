@@ -21,10 +21,14 @@ every eps in units of 1/255)::
       "evaluations": [               # one per (attack, eps)
         {"attack": str, "kind": "white"|"black"|"ensemble"|"transfer", "norm": "Linf"|"L2",
          "eps": float, "robust_acc": float, "n_examples": int, "seed": int, "wall_s": float,
-         "max_perturbation": float, "params": {...}, "breakdown": {...}}
+         "max_perturbation": float, "params": {...}, "breakdown": {...},
+         "robust_mask": str,         # optional: per image "1" = survived, "0" = broken (same image order)
+         "warnings": [str]}          # optional: what the attack library itself warned about
       ],
       "headline": {"eps": float, "robust_acc": float|null, "attack": str|null},
-                                     # lowest Linf robust accuracy at the headline eps (8/255)
+                                     # at the headline eps (8/255): the per-image worst case over every
+                                     # attack with a robust_mask ("worst case of a+b+..."), else the lowest
+      "worst_case": [{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"}],  # optional
       "sanity": {"verdict": "pass"|"warn"|"incomplete", "checks": [
          {"name": str, "status": "pass"|"warn"|"skip", "evidence": str}]}
     }
@@ -46,7 +50,7 @@ from hw_dq.errors import HwDqError
 SCHEMA = "hw-dq/robustness/v1"
 HEADLINE_EPS = 8.0
 MODES = ("FP", "VQ", "DQ")
-KINDS = ("white", "black", "ensemble", "transfer")
+KINDS = ("white", "black", "ensemble", "transfer", "adaptive")
 STATUSES = ("pass", "warn", "skip")
 VERDICTS = ("pass", "warn", "incomplete")
 
@@ -101,6 +105,17 @@ def validate(obj: Any, where: str = "results") -> dict[str, Any]:
         _frac(ev["robust_acc"], f"{w}.robust_acc")
         if ev["kind"] not in KINDS or ev["norm"] not in ("Linf", "L2") or ev["eps"] < 0:
             raise SchemaError(f"{w}: bad kind/norm/eps ({ev['kind']}, {ev['norm']}, {ev['eps']})")
+        mask = ev.get("robust_mask")
+        if mask is not None and (not isinstance(mask, str) or len(mask) != ev["n_examples"] or set(mask) - {"0", "1"}):
+            raise SchemaError(f"{w}: robust_mask must be a string of n_examples 0/1 characters")
+    for i, wc in enumerate(obj.get("worst_case", [])):
+        if (
+            not isinstance(wc, dict)
+            or not isinstance(wc.get("robust_acc"), _NUM)
+            or not isinstance(wc.get("attacks"), list)
+        ):
+            raise SchemaError(f"{where}: worst_case[{i}] needs robust_acc and attacks")
+        _frac(wc["robust_acc"], f"{where}: worst_case[{i}].robust_acc")
     san = obj["sanity"]
     if san.get("verdict") not in VERDICTS or not isinstance(san.get("checks"), list):
         raise SchemaError(f"{where}: sanity needs a verdict in {VERDICTS} and a list of checks")
@@ -204,98 +219,24 @@ def describe(r: dict[str, Any]) -> str:
             f"| {e['attack']} | {e['kind']} | {e['norm']} | {e['eps']:g} | {_pct(e['robust_acc'])} "
             f"| {e['n_examples']} | {e['seed']} | {e['wall_s']:.1f} | {par} |"
         )
+    if r.get("worst_case"):
+        lines += [
+            "",
+            "## Per-image worst case over every attack",
+            "",
+            "| eps | norm | robust acc | n | attacks (each one's own robust acc) |",
+            "|---|---|---|---|---|",
+        ]
+        for w in r["worst_case"]:
+            each = ", ".join(f"{a} {_pct(v)}" for a, v in w["per_attack"].items())
+            lines.append(f"| {w['eps']:g} | {w['norm']} | {_pct(w['robust_acc'])} | {w['n_examples']} | {each} |")
     lines += ["", f"## Gradient-masking sanity checks: {r['sanity']['verdict'].upper()}", ""]
     lines += [f"- **{c['status'].upper()}** {c['name']}: {c['evidence']}" for c in r["sanity"]["checks"]]
     return "\n".join(lines) + "\n"
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    attacks: Sequence[str],
-    eps: Sequence[float],
-    *,
-    n: int | None = None,
-    seed: int = 0,
-    batch_size: int = 128,
-    name: str = "robustness",
-    params: Any = None,
-    sanity: bool = True,
-    sanity_cfg: Any = None,
-    transfer_from: str | Path | None = None,
-    defense: str | None = None,
-    data: str | None = None,
-    data_dir: str | None = None,
-    progress: bool = False,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Attack a run directory's model; writes ``RUN_DIR/attacks/<name>.json`` and ``.md``.
+def evaluate_run(run_dir: str | Path, attacks: Sequence[str], eps: Sequence[float], **kw: Any) -> dict[str, Any]:
+    """Attack a run directory's model (see :func:`hw_dq.robust.evaluate.evaluate_run`, where it lives)."""
+    from hw_dq.robust.evaluate import evaluate_run as _evaluate_run
 
-    ``device``: where the model runs (``auto``: the GPU if PyTorch sees one).
-    ``defense`` (e.g. ``"bits:4+median:2"``) puts input squeezers in the loop (see
-    :mod:`hw_dq.robust.squeeze`); ``transfer_from`` is the source run for ``transfer-pgd``.
-    """
-    import hw_dq
-    from hw_dq import run as rd
-    from hw_dq.data import load_split
-    from hw_dq.errors import ConfigError
-    from hw_dq.robust.attacks import ATTACKS, AttackParams, check_attack, clean_accuracy, robust_accuracy
-    from hw_dq.robust.sanity import run_checks
-
-    for a in attacks:
-        for e in eps:
-            check_attack(a, e)
-    if not attacks or not eps:
-        raise ConfigError("give at least one attack (--attacks) and one eps (--eps)")
-    if n is not None and n <= 0:
-        raise ConfigError(f"invalid --n {n}: must be positive")
-    if batch_size <= 0:
-        raise ConfigError(f"invalid --batch-size {batch_size}: must be positive")
-    run = Path(run_dir)
-    dev = rd.resolve_device(device)
-    model, cfg = rd.load_model(run, device=dev)
-    source = rd.load_model(transfer_from, device=dev)[0] if transfer_from else None
-    if "transfer-pgd" in attacks and source is None:
-        raise ConfigError("attack transfer-pgd needs --transfer-from RUN_DIR (e.g. the full-precision twin)")
-    if defense:
-        from hw_dq.robust.squeeze import apply_defense
-
-        model = apply_defense(model, defense).to(dev)
-    tr = cfg.get("train", {})
-    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
-    x, y = ds.tensors()
-    params = params or AttackParams()
-    clean = clean_accuracy(model, x, y, batch_size)
-    evals = []
-    for a in attacks:
-        for e in eps:
-            r = robust_accuracy(model, x, y, a, e, seed=seed, batch_size=batch_size, params=params, source=source)
-            ev = {"attack": a, "kind": ATTACKS[a][0], "norm": r.norm, "eps": float(e), "robust_acc": r.robust_acc,
-                  "n_examples": r.n_examples, "seed": seed, "wall_s": round(r.wall_s, 3),
-                  "max_perturbation": r.max_perturbation, "params": r.params, "breakdown": r.breakdown}  # fmt: skip
-            evals.append(ev)
-            if progress:
-                print(f"  {a} @ {e:g}/255: {100 * r.robust_acc:.1f}% ({r.wall_s:.1f} s)", flush=True)
-    san = (
-        run_checks(
-            model, x, y, evals, clean, params=params, cfg=sanity_cfg, seed=seed, batch_size=batch_size, source=source
-        )  # fmt: skip
-        if sanity
-        else {"verdict": "incomplete", "checks": [{"name": "all", "status": "skip", "evidence": "--no-sanity"}]}
-    )
-    mc = cfg.get("model", {})
-    adv = tr.get("adv_train", "none")
-    result = {
-        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": hw_dq.__version__,
-        "run_dir": str(run), "model": mc.get("name", "?"), "width": mc.get("width"),
-        "mode": cfg.get("mode", "FP"), "wbits": mc.get("wbits"), "abits": mc.get("abits"),
-        "beta": float(tr.get("beta", 0.0)), "lipschitz_target": tr.get("lipschitz_target", "weight"),
-        "adv_train": adv, "adv_eps": tr.get("adv_eps") if adv != "none" else None, "defense": defense,
-        "dataset": ds.name, "split": "test", "n_examples": len(ds), "seed": seed,
-        "threat_model": "Linf", "eps_units": "1/255", "clean_acc": clean, "evaluations": evals,
-        "headline": headline(evals), "sanity": san,
-    }  # fmt: skip
-    validate(json.loads(json.dumps(result)), name)
-    out = run / "attacks"
-    rd.write_json(out / f"{name}.json", result)
-    rd.write_text(out / f"{name}.md", describe(result))
-    return result
+    return _evaluate_run(run_dir, attacks, eps, **kw)

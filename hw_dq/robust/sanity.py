@@ -11,7 +11,12 @@ white-box attacks weak while the model is not robust. Each check below returns `
 * ``more_steps_restarts``  PGD with many more steps and restarts does not reveal a much
   lower accuracy than the reported PGD;
 * ``transfer_not_stronger``        (with a source model) examples crafted on the
-  full-precision twin are not stronger than white-box ones.
+  full-precision twin are not stronger than white-box ones;
+* ``worst_case_near_white_box``    the per-image worst case over every attack run is not much
+  below the best gradient attack alone (if it is, the gradient attacks are being masked);
+* ``adaptive_not_stronger``        BPDA / temperature-scaled PGD do not find much more than PGD;
+* ``attack_library_warnings``      the attack library's own checks (AutoAttack's randomness,
+  output-range and "Square decreased the robust accuracy" warnings) said nothing.
 
 Numbers from the main evaluation are used where they exist; otherwise the check runs its
 own small probe on the first ``n_probe`` examples. A difference counts only when it is
@@ -28,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hw_dq.robust.attacks import SINGLE_STEP, AttackParams, robust_accuracy
+from hw_dq.robust.attacks import AttackParams, robust_accuracy
+from hw_dq.robust.registry import SINGLE_STEP
 
 GRADIENT_ATTACKS = ("pgd", "apgd-ce", "apgd-t")
 
@@ -150,7 +156,56 @@ def run_checks(
         checks.append(_check("transfer_not_stronger", white <= tr + tol,
                              f"at {e:g}/255 on n={n}: white-box PGD {_pct(white)} vs transfer PGD from source "
                              f"{_pct(tr)} (tolerance {_pct(tol)})", white=white, transfer=tr))  # fmt: skip
+    checks += masking_checks(evaluations, cfg)
     return {"verdict": verdict(checks), "checks": checks, "config": asdict(cfg)}
+
+
+def masking_checks(evaluations: Sequence[dict], cfg: SanityConfig | None = None) -> list[dict[str, Any]]:
+    """The checks computed from a result's evaluations alone (per-image flags, library warnings)."""
+    from hw_dq.robust.evaluate import worst_case
+
+    cfg = cfg or SanityConfig()
+    out = []
+    lin = [e for e in evaluations if e["norm"] == "Linf"]
+    eps_all = sorted({float(e["eps"]) for e in lin})
+    rows, ok, seen = [], True, False
+    for e in eps_all:
+        white = [v for v in lin if float(v["eps"]) == e and v["kind"] == "white" and v["attack"] not in SINGLE_STEP]
+        w = worst_case(lin, e)
+        if not white or w is None or len(w["attacks"]) < 2:
+            continue
+        seen = True
+        best = min(white, key=lambda v: v["robust_acc"])
+        gap = max(cfg.masking_gap, tolerance(best["robust_acc"], w["n_examples"], cfg.tol_abs))
+        bad = best["robust_acc"] - w["robust_acc"] > gap
+        ok &= not bad
+        rows.append(f"{e:g}/255: best gradient attack {best['attack']} {_pct(best['robust_acc'])} vs worst case "
+                    f"{_pct(w['robust_acc'])} over {'+'.join(w['attacks'])} (allowed gap {_pct(gap)})")  # fmt: skip
+    ev = "; ".join(rows) + ("" if ok else " - the gradient attacks overstate robustness (masked gradients)")
+    out.append(_check("worst_case_near_white_box", ok if seen else None, ev if seen else "needs >= 2 attacks "
+                      "with per-image flags and a gradient attack at one eps"))  # fmt: skip
+    rows, ok, seen = [], True, False
+    for e in eps_all:
+        pgd = [v for v in lin if float(v["eps"]) == e and v["attack"] == "pgd"]
+        ada = [v for v in lin if float(v["eps"]) == e and v["kind"] == "adaptive"]
+        if not pgd or not ada:
+            continue
+        seen = True
+        best = min(ada, key=lambda v: v["robust_acc"])
+        p = pgd[0]["robust_acc"]
+        gap = max(cfg.masking_gap, tolerance(p, pgd[0]["n_examples"], cfg.tol_abs))
+        ok &= p - best["robust_acc"] <= gap
+        rows.append(
+            f"{e:g}/255: PGD {_pct(p)} vs {best['attack']} {_pct(best['robust_acc'])} (allowed gap {_pct(gap)})"
+        )
+    out.append(_check("adaptive_not_stronger", ok if seen else None,
+                      "; ".join(rows) if seen else "no adaptive attack (bpda, pgd-temp) beside PGD"))  # fmt: skip
+    warned = [f"{v['attack']}@{float(v['eps']):g}: {w}" for v in evaluations for w in v.get("warnings", [])]
+    lib = [v for v in evaluations if str(v.get("params", {}).get("library", "")).startswith("pyautoattack")]
+    quiet = "AutoAttack's own checks raised no warning" if lib else "no attack library with its own checks ran"
+    out.append(_check("attack_library_warnings", None if not (warned or lib) else not warned,
+                      "; ".join(warned) if warned else quiet))  # fmt: skip
+    return out
 
 
 def _monotone(evaluations: Sequence[dict], clean: float, n: int, cfg: SanityConfig) -> dict[str, Any]:
