@@ -29,16 +29,29 @@ def _params(a: argparse.Namespace) -> Any:
     return AttackParams(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
 
 
+# flags of ``attack`` and what ``--on hw`` does with each: honoured, or refused in one line
+_HW_REFUSED = {
+    "defense": "--defense (input squeezers) is a PyTorch-side defense; the accelerator runs the model as built",
+    "transfer_from": "--transfer-from is for --on sw; on the accelerator transfer-pgd/transfer-autoattack are crafted "
+    "on the run's own PyTorch model",
+    "version": "--version applies to autoattack on the PyTorch model; transfer-autoattack uses the standard version",
+}
+
+
 def cmd_attack_hw(a: argparse.Namespace) -> int:
     """``attack --on hw``: the threat models of a deployed accelerator, on its bit-exact simulation."""
-    from hw_dq.fpga.hwattack import evaluate_hw
+    from hw_dq.fpga.hwattack import DEFAULT_HW_ATTACKS, evaluate_hw
+    from hw_dq.robust.evaluate import result_name
     from hw_dq.robust.results import tabulate
 
-    name = a.name if a.name != "robustness" else "robustness-hw"
+    for flag, why in _HW_REFUSED.items():
+        if getattr(a, flag) not in (None, "standard"):
+            raise ConfigError(f"--on hw does not take {why}")
+    name = result_name(a.run_dir, a.name, "robustness-hw", a.force)
     r = evaluate_hw(
-        a.run_dir, a.attacks or ["transfer-pgd", "square", "hsj"], a.eps, board=a.board, n=a.n, seed=a.seed,
-        steps=a.pgd_steps or 20, queries=a.square_queries or 1000, name=name, data=a.data, data_dir=a.data_dir,
-        progress=not a.quiet,
+        a.run_dir, a.attacks or list(DEFAULT_HW_ATTACKS), a.eps, board=a.board, n=a.n, seed=a.seed,
+        params=_params(a), name=name, data=a.data, data_dir=a.data_dir, progress=not a.quiet,
+        device=a.device, batch_size=a.batch_size, sanity=not a.no_sanity,
     )  # fmt: skip
     print(tabulate([r]))
     ag = r["agreement"]
@@ -51,34 +64,36 @@ def cmd_attack_hw(a: argparse.Namespace) -> int:
 
 
 def cmd_attack(a: argparse.Namespace) -> int:
-    from hw_dq.robust.attacks import ATTACKS
-    from hw_dq.robust.results import evaluate_run
+    from hw_dq.robust.autoattack import check_version
+    from hw_dq.robust.registry import check
 
+    check_version(a.version or "standard")
+    attacks = a.attacks or (None if a.on == "hw" else ["fgsm", "pgd"])
+    for name in attacks or []:
+        for e in a.eps:
+            check(name, e, a.on)
     if a.on == "hw":
         return cmd_attack_hw(a)
-    a.attacks = a.attacks or ["fgsm", "pgd"]
-    for name in a.attacks:
-        if name not in ATTACKS:
-            raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    for e in a.eps:
-        if e < 0:
-            raise ConfigError(f"invalid eps {e:g}: must be >= 0 (units of 1/255)")
-    r = evaluate_run(
-        a.run_dir, a.attacks, a.eps, n=a.n, seed=a.seed, batch_size=a.batch_size, name=a.name,
-        params=_params(a), sanity=not a.no_sanity, transfer_from=a.transfer_from, defense=a.defense,
-        data=a.data, data_dir=a.data_dir, progress=not a.quiet, device=a.device,
-    )  # fmt: skip
+    from hw_dq.robust.evaluate import evaluate_run, result_name
     from hw_dq.robust.results import tabulate
 
+    name = result_name(a.run_dir, a.name, "robustness", a.force)
+    r = evaluate_run(
+        a.run_dir, attacks, a.eps, n=a.n, seed=a.seed, batch_size=a.batch_size, name=name,
+        params=_params(a), sanity=not a.no_sanity, transfer_from=a.transfer_from, defense=a.defense,
+        data=a.data, data_dir=a.data_dir, progress=not a.quiet, device=a.device, version=a.version or "standard",
+        force=True,
+    )  # fmt: skip
     print(tabulate([r]))
-    print(f"sanity: {r['sanity']['verdict']}; written to {a.run_dir}/attacks/{a.name}.json")
+    print(f"sanity: {r['sanity']['verdict']}; written to {a.run_dir}/attacks/{name}.json")
     return 0
 
 
 def cmd_analyse(a: argparse.Namespace) -> int:
     from hw_dq.robust.analyse import analyse_runs
 
-    rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed, device=a.device)
+    rep = analyse_runs(a.run_dirs, out=a.out, attack=a.attack, eps=a.eps, n=a.n, seed=a.seed, device=a.device,
+                       data_dir=a.data_dir)  # fmt: skip
     print(rep["table"])
     print(f"written to {a.out}")
     return 0
@@ -100,19 +115,24 @@ def cmd_results(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the evaluation verbs to the ``hw-dq`` sub-parsers."""
-    p = sub.add_parser("attack", help="attack a trained run (ART: FGSM, PGD, AutoAttack, Square, ...)")
+    from hw_dq.robust.registry import HW_ATTACKS, SW_ATTACKS
+
+    p = sub.add_parser("attack", help="attack a trained run (PGD, AutoAttack, adaptive, Square, ...)")
     p.add_argument("run_dir")
     p.add_argument("--on", choices=("sw", "hw"), default="sw",
                    help="sw: the PyTorch model (default); hw: the bit-exact simulation of its FINN build")  # fmt: skip
     p.add_argument("--board", help="with --on hw: which build of the run (default: its only one)")
     p.add_argument("--attacks", type=_names, default=None, help="comma list (default fgsm,pgd; with --on hw "
-                   "transfer-pgd,square,hsj); "
-                   "fgsm, rfgsm, pgd, pgd-l2, cw-l2, apgd-ce, apgd-t, square, autoattack, transfer-pgd")  # fmt: skip
+                   "square,transfer-autoattack,hsj); " + ", ".join(SW_ATTACKS)
+                   + "; on hw: " + ", ".join(HW_ATTACKS))  # fmt: skip
+    p.add_argument("--version", default=None, help="AutoAttack version: standard (default), plus, rand")
+    p.add_argument("--force", action="store_true", help="overwrite an existing result of the same --name")
     p.add_argument("--eps", type=_floats, default=[8.0], help="comma list in units of 1/255 (default 8)")
     p.add_argument("--n", type=int, help="test examples (default: the whole test set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--name", default="robustness", help="results file stem under RUN_DIR/attacks/")
+    p.add_argument("--name", default=None, help="results file stem under RUN_DIR/attacks/ (default: robustness, "
+                   "or robustness-2, -3, ... if taken; robustness-hw with --on hw)")  # fmt: skip
     p.add_argument("--transfer-from", metavar="RUN_DIR", help="source model for transfer-pgd (e.g. the FP twin)")
     p.add_argument("--defense", help="input squeezers in the loop, e.g. bits:4, median:2, bits:5+median:2")
     p.add_argument("--data", help="dataset (default: the run's)")
@@ -136,6 +156,7 @@ def register(sub: Any) -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (the GPU if PyTorch sees one), cpu, cuda ...")
+    p.add_argument("--data-dir", help="directory of the runs' dataset (default: each run's own)")
     p.set_defaults(func=cmd_analyse)
 
     p = sub.add_parser("reproduce", help="the paper's experiment at CPU scale (resumable)")

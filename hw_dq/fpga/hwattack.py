@@ -1,13 +1,17 @@
 """Attacks on the accelerator's own arithmetic (the bit-exact simulation of a FINN build).
 
 A deployed accelerator takes UINT8 images and computes in integers; what matters is whether
-*it* is as robust as the PyTorch model said. Three threat models, all from ART:
+*it* is as robust as the PyTorch model said. The threat models (entries of
+:mod:`hw_dq.robust.registry` with an accelerator factory here):
 
-* ``transfer`` - PGD / AutoAttack examples crafted on the PyTorch model (white-box through
-  the straight-through estimator), rounded to the UINT8 grid, then run on the simulation;
-* ``square``   - score-based black-box (Square, Linf) on the simulation's logits;
-* ``hsj``      - decision-based (HopSkipJump, Linf) on the simulation's top-1 label only,
-  which is all a finn-examples style board (TopK head) returns.
+* ``square`` - score-based black box on the simulation's logits (the AutoAttack authors'
+  Square, 5,000 queries by default, as on the PyTorch model);
+* ``transfer-autoattack`` / ``transfer-pgd`` - the reference AutoAttack's / PGD's examples
+  crafted on the PyTorch model, rounded to the UINT8 grid, then run on the simulation;
+* ``hsj`` - decision-based (ART's HopSkipJump) on the top-1 label only, which is all a
+  finn-examples style board (TopK head) returns.
+
+The accelerator's headline is the per-image worst case over the attacks run.
 
 Every query is rounded to the UINT8 grid first (the accelerator's input), so an eps of
 k/255 around a clean image stays within k/255. Software/hardware disagreements are located
@@ -16,7 +20,6 @@ layer by layer: the first quantized activation where Brevitas and the accelerato
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from torch import nn
 from hw_dq.errors import HwDqError
 from hw_dq.fpga.sim import HwSimulator, SimulationError
 
-HW_ATTACKS = ("transfer-pgd", "transfer-autoattack", "square", "hsj")
+DEFAULT_HW_ATTACKS = ("square", "transfer-autoattack", "hsj")  # issue 10's standard for the accelerator
 PARENT, DATAFLOW = "dataflow_parent.onnx", "dataflow_model.onnx"
 
 
@@ -218,26 +221,79 @@ class HwAttackResult:
     params: dict
     wall_s: float
     first_diff_layers: dict  # layer index -> count, over the disagreeing adversarial inputs
+    robust_mask: str = ""  # per image: "1" = the accelerator survived
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _blackbox(sim: HwSimulator, labels_only: bool, shape: tuple[int, ...], nb_classes: int = 10):
+def _scores(sim: HwSimulator, nb_classes: int = 10):
+    """The accelerator as a score function for attacks: [0, 1] torch images -> logits (one-hot for a TopK head)."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        logits = hw_logits(sim, x.detach().cpu().numpy().astype(np.float32))
+        if logits.shape[1] == 1:
+            logits = np.eye(nb_classes, dtype=np.float32)[logits[:, 0].astype(np.int64)]
+        return torch.from_numpy(logits)
+
+    return predict
+
+
+def _labels_classifier(sim: HwSimulator, shape: tuple[int, ...], nb_classes: int = 10):
+    """ART's decision-based wrapper around the accelerator's top-1 label (for HopSkipJump)."""
     from art.estimators.classification import BlackBoxClassifier
-    from art.estimators.classification.blackbox import BlackBoxClassifierNeuralNetwork
 
     def predict(x: np.ndarray) -> np.ndarray:
-        logits = hw_logits(sim, x.astype(np.float32))
-        if labels_only or logits.shape[1] == 1:
-            lab = logits[:, 0].astype(np.int64) if logits.shape[1] == 1 else logits.argmax(1)
-            return np.eye(nb_classes, dtype=np.float32)[lab]
-        return logits
+        return np.eye(nb_classes, dtype=np.float32)[hw_labels(sim, x.astype(np.float32))]
 
-    if labels_only:  # decision-based: HopSkipJump needs only a ClassifierMixin
-        return BlackBoxClassifier(predict, input_shape=shape, nb_classes=nb_classes, clip_values=(0.0, 1.0))
-    # score-based: Square asks for a "neural network" estimator; it only calls predict()
-    return BlackBoxClassifierNeuralNetwork(predict, input_shape=shape, nb_classes=nb_classes, clip_values=(0.0, 1.0))
+    return BlackBoxClassifier(predict, input_shape=shape, nb_classes=nb_classes, clip_values=(0.0, 1.0))
+
+
+# Accelerator factories named by the attack registry (hw_dq.robust.registry): each takes the
+# PyTorch model, the simulator, images on the UINT8 grid and labels (numpy), eps in [0, 1] units,
+# the budgets (AttackParams) and the seed; returns adversarial images and the parameters used.
+def hw_transfer_pgd(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
+                    seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """PGD crafted on the PyTorch model (straight-through gradients), same budget as ``pgd`` on it."""
+    from hw_dq.robust.attacks import craft
+
+    c = craft(model, torch.from_numpy(x), torch.from_numpy(y), "pgd", eps * 255, seed=seed, batch_size=batch_size,
+              params=p)  # fmt: skip
+    return c.x_adv.numpy(), {"source": "PyTorch model (STE gradients)", **c.params}
+
+
+def hw_transfer_autoattack(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
+                           seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """The reference AutoAttack (standard) examples crafted on the PyTorch model, run on the accelerator."""
+    from hw_dq.robust.attacks import craft
+
+    c = craft(model, torch.from_numpy(x), torch.from_numpy(y), "autoattack", eps * 255, seed=seed,
+              batch_size=batch_size, params=p)  # fmt: skip
+    return c.x_adv.numpy(), {"source": "PyTorch model", **c.params, "breakdown_on_pytorch": c.breakdown}
+
+
+def hw_square(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
+              seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """Square (the AutoAttack authors' implementation and settings) on the accelerator's logits."""
+    from pyautoattack.square import SquareAttack
+
+    atk = SquareAttack(_scores(sim), p_init=0.8, n_queries=p.square_queries, eps=eps, norm="Linf", n_restarts=1,
+                       seed=seed, verbose=False, device="cpu", resc_schedule=False)  # fmt: skip
+    xs, ys = torch.from_numpy(x).split(batch_size), torch.from_numpy(y).split(batch_size)
+    adv = torch.cat([atk.perturb(xb, yb) for xb, yb in zip(xs, ys, strict=True)])
+    return adv.numpy(), {"queries": p.square_queries, "p_init": 0.8, "library": "pyautoattack",
+                         "on": "simulated accelerator logits"}  # fmt: skip
+
+
+def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
+           seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """HopSkipJump (ART) on the accelerator's top-1 label; its query budget follows ``square_queries``."""
+    from art.attacks.evasion import HopSkipJump
+
+    it = max(1, p.square_queries // 100)
+    atk = HopSkipJump(_labels_classifier(sim, tuple(x.shape[1:])), norm=np.inf, max_iter=it, max_eval=100,
+                      init_eval=20, verbose=False)  # fmt: skip
+    return atk.generate(x), {"max_iter": it, "max_eval": 100, "on": "simulated accelerator labels"}
 
 
 def craft(
@@ -248,43 +304,29 @@ def craft(
     y: np.ndarray,
     eps_255: float,
     seed: int = 0,
-    steps: int = 20,
-    queries: int = 1000,
+    steps: int | None = None,
+    queries: int | None = None,
+    params: Any = None,
+    batch_size: int = 128,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model."""
-    from art.attacks.evasion import HopSkipJump, SquareAttack
+    """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model of the registry."""
+    from hw_dq.robust.attacks import AttackParams
+    from hw_dq.robust.registry import check, hw_factory
 
-    from hw_dq.robust.attacks import AttackParams, art_classifier, autoattack, make_attack
-
+    entry = check(attack, eps_255, "hw")
+    p = _budgets(params or AttackParams(), steps, queries)
     eps = eps_255 / 255.0
     np.random.seed(seed)
     torch.manual_seed(seed)
-    shape = tuple(x.shape[1:])
-    if attack == "transfer-pgd":
-        clf = art_classifier(model, shape)
-        atk, p = make_attack("pgd", clf, eps, p=AttackParams(pgd_steps=steps))
-        params = {"source": "PyTorch model (STE gradients)", "steps": p["steps"], "restarts": p["restarts"],
-                  "step_size_255": p["step_size"] * 255}  # fmt: skip
-        adv = atk.generate(x)
-    elif attack == "transfer-autoattack":
-        clf = art_classifier(model, shape)
-        ap = AttackParams(apgd_iters=max(steps, 10), apgd_targets=3, square_queries=queries)
-        adv, sub, breakdown = autoattack(clf, x, y, eps, 128, ap)
-        params = {"source": "PyTorch model", "suite": "APGD-CE -> APGD-T -> Square (hw_dq.robust.attacks.autoattack)",
-                  "components": sub, "breakdown_on_pytorch": breakdown}  # fmt: skip
-    elif attack == "square":
-        bb = _blackbox(sim, False, shape)
-        adv = SquareAttack(bb, norm=np.inf, eps=eps, max_iter=queries, nb_restarts=1, verbose=False).generate(x, y=y)
-        params = {"queries": queries, "on": "simulated accelerator logits"}
-    elif attack == "hsj":
-        bb = _blackbox(sim, True, shape)
-        atk = HopSkipJump(bb, norm=np.inf, max_iter=max(1, queries // 100), max_eval=100, init_eval=20, verbose=False)
-        adv = atk.generate(x)
-        params = {"max_iter": max(1, queries // 100), "max_eval": 100, "on": "simulated accelerator labels"}
-    else:
-        raise HwDqError(f"unknown hardware attack {attack!r}; choose one of {', '.join(HW_ATTACKS)}")
-    adv = np.clip(adv, x - eps, x + eps) if attack != "hsj" else adv
-    return uint8_grid(adv) / 255.0, params
+    adv, par = hw_factory(entry)(model, sim, x, y, eps, p, seed, batch_size)
+    adv = np.clip(adv, x - eps, x + eps) if entry.counting != "within-eps" else adv
+    return uint8_grid(adv) / 255.0, par
+
+
+def _budgets(p: Any, steps: int | None, queries: int | None) -> Any:
+    from dataclasses import replace
+
+    return replace(p, **({"pgd_steps": steps} if steps else {}), **({"square_queries": queries} if queries else {}))
 
 
 def attack_hw(
@@ -295,21 +337,24 @@ def attack_hw(
     y: np.ndarray,
     eps_255: float,
     seed: int = 0,
-    steps: int = 20,
-    queries: int = 1000,
+    steps: int | None = None,
+    queries: int | None = None,
     locate: int = 32,
+    params: Any = None,
+    batch_size: int = 128,
 ) -> HwAttackResult:
     """Robust accuracy of the accelerator under one threat model at Linf ``eps_255``/255."""
-    if eps_255 < 0:
-        raise HwDqError(f"invalid eps {eps_255}: must be >= 0 (units of 1/255)")
+    from hw_dq.robust.registry import check
+
+    entry = check(attack, eps_255, "hw")
     t0 = time.time()
     x = uint8_grid(x) / 255.0
-    adv, params = craft(attack, model, sim, x, y, eps_255, seed, steps, queries)
+    adv, par = craft(attack, model, sim, x, y, eps_255, seed, steps, queries, params, batch_size)
     linf = np.abs(adv - x).reshape(len(x), -1).max(1) * 255.0
     hw, sw = hw_labels(sim, adv), sw_labels(model, adv)
     # robust = right on the clean image and on its adversarial one (as hw_dq.robust.attacks counts it)
     hw_clean, sw_clean = hw_labels(sim, x) == y, sw_labels(model, x) == y
-    if attack == "hsj":  # minimal-perturbation attack: an example beyond eps does not count
+    if entry.counting == "within-eps":  # minimal-perturbation attack: an example beyond eps does not count
         within = linf <= eps_255 + 1e-6
         hw_ok = hw_clean & ((hw == y) | ~within)
         sw_ok = sw_clean & ((sw == y) | ~within)
@@ -324,7 +369,8 @@ def attack_hw(
         attack=attack, eps=eps_255, n_examples=len(y), seed=seed,
         robust_acc_hw=float(hw_ok.mean()), robust_acc_sw=float(sw_ok.mean()),
         disagreement_adv=float(len(disagree) / max(1, len(y))), max_linf_255=float(linf.max(initial=0.0)),
-        params=params, wall_s=time.time() - t0, first_diff_layers=hist,
+        params=par, wall_s=time.time() - t0, first_diff_layers=hist,
+        robust_mask="".join("1" if v else "0" for v in hw_ok),
     )  # fmt: skip
 
 
@@ -343,17 +389,6 @@ def agreement(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray) 
     }
 
 
-def run_dir_build(run_dir: str | Path, board: str | None = None) -> tuple[nn.Module, Path]:
-    """The PyTorch model of a run directory and its FINN build folder."""
-    from hw_dq.run import load_model
-
-    model, _ = load_model(run_dir)
-    return model, find_build(run_dir, board)
-
-
-HW_KIND = {"transfer-pgd": "transfer", "transfer-autoattack": "transfer", "square": "black", "hsj": "black"}
-
-
 def evaluate_hw(
     run_dir: str | Path,
     attacks: list[str],
@@ -362,70 +397,77 @@ def evaluate_hw(
     board: str | None = None,
     n: int | None = None,
     seed: int = 0,
-    steps: int = 20,
-    queries: int = 1000,
+    steps: int | None = None,
+    queries: int | None = None,
     name: str = "robustness-hw",
     data: str | None = None,
     data_dir: str | None = None,
     progress: bool = False,
+    params: Any = None,
+    device: str = "cpu",
+    batch_size: int = 128,
+    sanity: bool = True,
 ) -> dict[str, Any]:
     """Attack the simulated accelerator of a run's FINN build; writes ``RUN_DIR/attacks/<name>.json``.
 
-    Same schema as the software results (:mod:`hw_dq.robust.results`), with ``target = "hw"``, the
-    build folder, the software/hardware agreement on clean inputs, and per evaluation the
-    PyTorch model's accuracy on the same inputs and where the two first disagree.
+    Same schema and record builder as the software results (:mod:`hw_dq.robust.evaluate`),
+    with ``target = "hw"``, the build folder, the software/hardware agreement on clean
+    inputs, and per evaluation the PyTorch model's accuracy on the same inputs and where the
+    two first disagree. The headline is the per-image worst case over the attacks run.
+    ``device`` is where the PyTorch model crafts transfer examples (the simulator runs on
+    the CPU: it is exact there); ``steps``/``queries`` override ``params`` (the defaults are
+    those of the same attacks on the PyTorch model).
     """
-    import hw_dq
     from hw_dq import run as rd
     from hw_dq.data import load_split
     from hw_dq.errors import ConfigError
-    from hw_dq.robust import results as res
+    from hw_dq.robust.attacks import AttackParams
+    from hw_dq.robust.evaluate import evaluation, record, write
+    from hw_dq.robust.registry import ATTACKS, check
+    from hw_dq.robust.sanity import masking_checks, verdict
 
-    bad = [a for a in attacks if a not in HW_ATTACKS]
-    if bad:
-        raise ConfigError(f"unknown hardware attack {bad[0]!r}; choose from {', '.join(HW_ATTACKS)}")
-    if any(e < 0 for e in eps):
-        raise ConfigError(f"invalid eps {min(eps)}: must be >= 0 (units of 1/255)")
+    for a in attacks:
+        for e in eps:
+            check(a, e, "hw")
+    if not attacks or not eps:
+        raise ConfigError("give at least one attack (--attacks) and one eps (--eps)")
     if n is not None and n <= 0:
         raise ConfigError(f"invalid --n {n}: must be positive")
+    if batch_size <= 0:
+        raise ConfigError(f"invalid --batch-size {batch_size}: must be positive")
+    p = _budgets(params or AttackParams(), steps, queries)
     run = Path(run_dir)
-    model, cfg = rd.load_model(run)
+    model, cfg = rd.load_model(run, device=rd.resolve_device(device))
     build = find_build(run, board)
     sim = load_simulator(build)
-    tr, mc = cfg.get("train", {}), cfg.get("model", {})
+    tr = cfg.get("train", {})
     ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
     x, y = (t.numpy() for t in ds.tensors())
-    agree = agreement(model, sim, x, y)
+    agree = agreement(model.cpu(), sim, x, y)
+    model = model.to(rd.resolve_device(device))
     evals = []
     for a in attacks:
         for e in eps:
-            r = attack_hw(a, model, sim, x, y, e, seed=seed, steps=steps, queries=queries)
-            evals.append({
-                "attack": a, "kind": HW_KIND[a], "norm": "Linf", "eps": float(e), "robust_acc": r.robust_acc_hw,
-                "n_examples": r.n_examples, "seed": seed, "wall_s": round(r.wall_s, 3),
-                "max_perturbation": r.max_linf_255, "params": r.params,
-                "breakdown": {"robust_acc_sw_same_inputs": r.robust_acc_sw, "disagreement_adv": r.disagreement_adv,
-                              "first_diff_layers": r.first_diff_layers},
-            })  # fmt: skip
+            r = attack_hw(a, model, sim, x, y, e, seed=seed, params=p, batch_size=batch_size)
+            evals.append(evaluation(
+                a, ATTACKS[a].kind, "Linf", e, r.robust_acc_hw, r.n_examples, seed, r.wall_s, r.max_linf_255,
+                r.params, {"robust_acc_sw_same_inputs": r.robust_acc_sw, "disagreement_adv": r.disagreement_adv,
+                           "first_diff_layers": r.first_diff_layers}, r.robust_mask,
+            ))  # fmt: skip
             if progress:
                 print(f"  hw {a} @ {e:g}/255: accelerator {100 * r.robust_acc_hw:.1f}%, "
                       f"PyTorch {100 * r.robust_acc_sw:.1f}% ({r.wall_s:.1f} s)", flush=True)  # fmt: skip
-    adv = tr.get("adv_train", "none")
-    result = {
-        "schema": res.SCHEMA, "name": name, "created": res.now(), "hw_dq_version": hw_dq.__version__,
-        "run_dir": str(run), "model": mc.get("name", "?"), "width": mc.get("width"), "mode": cfg.get("mode", "FP"),
-        "wbits": mc.get("wbits"), "abits": mc.get("abits"), "beta": float(tr.get("beta", 0.0)),
-        "lipschitz_target": tr.get("lipschitz_target", "weight"), "adv_train": adv,
-        "adv_eps": tr.get("adv_eps") if adv != "none" else None, "defense": None, "dataset": ds.name,
-        "split": "test", "n_examples": len(ds), "seed": seed, "threat_model": "Linf", "eps_units": "1/255",
-        "clean_acc": agree["clean_acc_hw"], "evaluations": evals, "headline": res.headline(evals),
-        "sanity": {"verdict": "incomplete", "checks": [{"name": "gradient masking", "status": "skip",
-                   "evidence": "see the software results; the accelerator has no gradients"}]},
-        "target": "hw", "build_dir": str(build), "simulator": "hw_dq.fpga.sim (checked bit-exact against FINN)",
-        "agreement": {k: v for k, v in agree.items() if k != "first_diff"},
-        "first_diff_clean": agree["first_diff"],
+    checks = masking_checks(evals) if sanity else []
+    checks.append({"name": "gradient masking (white-box)", "status": "skip",
+                   "evidence": "the accelerator has no gradients; see the software results"})  # fmt: skip
+    san = {"verdict": verdict(checks), "checks": checks}
+    extra = {
+        "build_dir": str(build), "simulator": "hw_dq.fpga.sim (checked bit-exact against FINN)",
+        "agreement": {k: v for k, v in agree.items() if k != "first_diff"}, "first_diff_clean": agree["first_diff"],
     }  # fmt: skip
-    res.validate(json.loads(json.dumps(result)), name)
-    rd.write_json(run / "attacks" / f"{name}.json", result)
-    rd.write_text(run / "attacks" / f"{name}.md", res.describe(result))
+    result = record(
+        name=name, run_dir=run, cfg=cfg, dataset=ds.name, n=len(ds), seed=seed, clean_acc=agree["clean_acc_hw"],
+        evaluations=evals, sanity=san, target="hw", extra=extra,
+    )  # fmt: skip
+    write(run, result)
     return result
