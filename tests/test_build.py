@@ -140,3 +140,32 @@ def test_small_wrn_builds_with_finn_verification(tmp_path: Path, bits: int) -> N
     names = [layer["layer"] for layer in rep["layers"]]
     assert any(n.startswith("ElementwiseAdd") for n in names) and any(n.startswith("DuplicateStreams") for n in names)
     assert rep["fits"] and rep["fps"] >= 950
+
+
+def test_a_hand_edited_folding_config_is_what_gets_built(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """FINN users edit folding_config.json and build again: the edit is applied, and a bad edit is one line."""
+    from hw_dq.errors import BuildError
+    from hw_dq.fpga.build import build_run
+
+    run, boards = built
+    fit = json.loads((run / "build" / "Small" / "report.json").read_text())
+    fold = json.loads((run / "build" / "Small" / "folding_config.json").read_text())
+    mvaus = sorted(k for k in fold if k.startswith("MVAU"))
+    for k in mvaus:  # fully folded: one PE, one SIMD lane everywhere (always legal, slowest)
+        fold[k].update(PE=1, SIMD=1)
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(fold))
+    rep = build_run(run, "small", boards_dir=boards, folding_config=edited, out=tmp_path / "b")
+    assert rep["folding"] == "folding_config" and rep["board"]["name"] == "Small"
+    got = json.loads((tmp_path / "b" / "folding_config.json").read_text())
+    assert all(got[k]["PE"] == 1 and got[k]["SIMD"] == 1 for k in mvaus)
+    was_parallel = any(fold_v.get("PE", 1) > 1 or fold_v.get("SIMD", 1) > 1 for fold_v in
+                       json.loads((run / "build" / "Small" / "folding_config.json").read_text()).values())  # fmt: skip
+    assert rep["max_cycles"] > fit["max_cycles"] if was_parallel else rep["max_cycles"] >= fit["max_cycles"]
+    fold[mvaus[0]]["PE"] = 7  # divides none of the tiny model's output widths
+    edited.write_text(json.dumps(fold))
+    with pytest.raises(BuildError, match=f"{mvaus[0]} needs PE dividing"):
+        build_run(run, "Small", boards_dir=boards, folding_config=edited, out=tmp_path / "c")
+    edited.write_text(json.dumps({"NoSuchNode": {"PE": 1}}))
+    with pytest.raises(BuildError, match="no node 'NoSuchNode'"):
+        build_run(run, "Small", boards_dir=boards, folding_config=edited, out=tmp_path / "d")

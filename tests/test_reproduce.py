@@ -165,3 +165,12 @@ def test_timing_keeps_steps_written_by_another_process(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "attack/vq-a4": 5.0}))  # a parallel --only process
     add_timing(path, "train/fp", 2.5)
     assert json.loads(path.read_text()) == {"train/fp": 12.5, "attack/vq-a4": 5.0}
+
+
+def test_the_default_output_is_a_fresh_folder_under_runs_not_the_committed_results():
+    import inspect
+
+    from hw_dq.experiments.reproduce import DEFAULT_OUT
+
+    assert inspect.signature(reproduce).parameters["out"].default == DEFAULT_OUT
+    assert DEFAULT_OUT.startswith("runs/") and "benchmarks" not in DEFAULT_OUT

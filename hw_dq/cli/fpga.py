@@ -11,8 +11,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     r = export_run(a.run_dir, head=a.head, qcdq=a.qcdq, n=a.n, out=a.out)
     eq = r.equivalence
-    if a.quiet:
-        return 0
     print(
         f"exported {r.qonnx} ({eq['head']} head, UINT8 input): max |logit diff| {eq['max_abs_logit_diff']:.3g}, "
         f"top-1 agreement {100 * eq['top1_agreement']:.1f}% on {eq['n_images']} test images"
@@ -29,8 +27,6 @@ def cmd_build(a: argparse.Namespace) -> int:
         a.run_dir, a.board, target_fps=a.target_fps, fit=a.fit, clock_mhz=a.clock_mhz, out=a.out,
         boards_dir=a.boards_dir, progress=not a.quiet, folding_config=a.folding_config,
     )  # fmt: skip
-    if a.quiet:
-        return 0
     util = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["utilisation"].items())
     print(
         f"{r['board']['name']} @ {r['clock_mhz']:.0f} MHz ({r['folding']}): est. {r['fps']:,.0f} FPS, latency "
@@ -59,7 +55,6 @@ def register(sub: Any) -> None:
     e.add_argument("--qcdq", action="store_true", help="also write QCDQ ONNX (onnxruntime)")
     e.add_argument("--n", type=int, default=32, help="test images for the equivalence check")
     e.add_argument("--out", metavar="DIR", help="export folder (default: RUN_DIR/export, where build looks)")
-    e.add_argument("--quiet", action="store_true", help="print nothing on success")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="FINN dataflow build for a board: folding, estimates, bitstream-ready folder")
@@ -75,7 +70,7 @@ def register(sub: Any) -> None:
     b.add_argument("--clock-mhz", type=float, help="override the board's default clock")
     b.add_argument("--out", help="build folder (default: RUN_DIR/build/BOARD, the board's catalogue spelling)")
     b.add_argument("--boards-dir", help="extra folder of board JSON files")
-    b.add_argument("--quiet", action="store_true", help="no progress, and print nothing on success")
+    b.add_argument("--quiet", action="store_true", help="no progress output (the result line is still printed)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("boards", help="list the known boards and their resources")
