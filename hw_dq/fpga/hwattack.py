@@ -13,6 +13,10 @@ A deployed accelerator takes UINT8 images and computes in integers; what matters
 
 The accelerator's headline is the per-image worst case over the attacks run.
 
+(About 470 lines: loading and self-checking the simulator, locating software/hardware
+disagreements and the accelerator's attack factories share the UINT8-grid helpers; a split
+into sim loading and attacks is the next step if it grows.)
+
 Every query is rounded to the UINT8 grid first (the accelerator's input), so an eps of
 k/255 around a clean image stays within k/255. Software/hardware disagreements are located
 layer by layer: the first quantized activation where Brevitas and the accelerator differ.

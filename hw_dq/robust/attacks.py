@@ -112,35 +112,15 @@ def _predict(clf: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
 def make_attack(
     name: str, clf: Any, eps: float, batch_size: int = 128, p: AttackParams | int | None = None
 ) -> tuple[Any, dict]:
-    """One ART attack object and its parameters (``eps`` in [0, 1] units).
+    """One ART attack object and its parameters (``eps`` in [0, 1] units): what only ART provides
+    here (CW-L2) and the components of the earlier ``art-apgd-square`` composition.
 
     ``p`` is the budgets; an int is read as the PGD step count (the earlier signature).
     """
     if not isinstance(p, AttackParams):
         p = AttackParams() if p is None else AttackParams(pgd_steps=int(p))
-    from art.attacks.evasion import (
-        AutoProjectedGradientDescent,
-        CarliniL2Method,
-        FastGradientMethod,
-        ProjectedGradientDescent,
-        SquareAttack,
-    )
+    from art.attacks.evasion import AutoProjectedGradientDescent, CarliniL2Method, SquareAttack
 
-    if name == "fgsm":
-        return FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=batch_size), {}
-    if name == "rfgsm":
-        # ART's form of R+FGSM: a uniform random start in the eps-ball, then one signed
-        # gradient step of (1 - alpha) * eps, projected back onto the eps-ball.
-        step = (1.0 - p.rfgsm_alpha) * eps
-        atk = FastGradientMethod(clf, norm=np.inf, eps=eps, eps_step=step, num_random_init=1, batch_size=batch_size)
-        return atk, {"random_start": "uniform", "step_size": step}
-    if name in ("pgd", "pgd-l2", "transfer-pgd"):
-        step = p.pgd_step_factor * eps / p.pgd_steps
-        atk = ProjectedGradientDescent(
-            clf, norm=np.inf if name != "pgd-l2" else 2, eps=eps, eps_step=step, max_iter=p.pgd_steps,
-            num_random_init=p.pgd_restarts, batch_size=batch_size, verbose=False,
-        )  # fmt: skip
-        return atk, {"steps": p.pgd_steps, "step_size": step, "restarts": p.pgd_restarts}
     if name in ("apgd-ce", "apgd-t"):
         loss = "cross_entropy" if name == "apgd-ce" else "difference_logits_ratio"
         atk = AutoProjectedGradientDescent(
