@@ -117,6 +117,7 @@ class Memory:
     shape: tuple[int, ...]  # per image for activations
     pe: int
     simd: int
+    ram: str = "auto"  # FINN's ram_style of the memory (block = BRAM, distributed = LUTRAM, ultra = URAM)
 
     @property
     def count(self) -> int:
@@ -162,7 +163,8 @@ def find_memories(model: Any) -> list[Memory]:
                     else model.get_tensor_datatype(node.input[1])
                 )
                 mems.append(Memory(layer, node.name, node.op_type, "weights", node.input[1], wdt.name,
-                                   dtype_bits(wdt), tuple(w.shape), pe, simd))  # fmt: skip
+                                   dtype_bits(wdt), tuple(w.shape), pe, simd,
+                                   str(a.get("ram_style", "auto"))))  # fmt: skip
             if int(a.get("noActivation", 0)) == 0 and len(node.input) > 2:
                 thr_in = node.input[2]
         else:
@@ -173,11 +175,12 @@ def find_memories(model: Any) -> list[Memory]:
             # one row shared by all channels is stored once per channel (FINN tiles it to MH rows)
             rows = int(a.get("MH", a.get("NumChannels", t.shape[0])))
             mems.append(Memory(layer, node.name, node.op_type, "thresholds", thr_in, tdt.name, dtype_bits(tdt),
-                               (max(rows, t.shape[0]), t.shape[1]), pe, 1))  # fmt: skip
+                               (max(rows, t.shape[0]), t.shape[1]), pe, 1,
+                               str(a.get("ram_style_thresholds", a.get("ram_style", "auto")))))  # fmt: skip
             odt = model.get_tensor_datatype(node.output[0])
             shape = tuple(int(d) for d in model.get_tensor_shape(node.output[0])[1:])
             mems.append(Memory(layer, node.name, node.op_type, "activations", node.output[0], odt.name,
-                               dtype_bits(odt), shape, pe, 1))  # fmt: skip
+                               dtype_bits(odt), shape, pe, 1, "stream"))  # fmt: skip
         layer += 1
     return mems
 
@@ -190,6 +193,7 @@ def bits_table(mems: Sequence[Memory]) -> list[dict[str, Any]]:
                                         "weights": 0, "thresholds": 0, "activations": 0})  # fmt: skip
         row[m.kind] += m.n_bits
         row[f"{m.kind}_dtype"] = m.dtype
+        row[f"{m.kind}_ram"] = m.ram
     return [rows[k] for k in sorted(rows)]
 
 

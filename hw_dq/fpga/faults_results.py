@@ -163,11 +163,13 @@ def describe(r: dict[str, Any]) -> str:
     lines = [f"# Faults in the accelerator of {r['run_dir']} ({r['name']})", "",
              f"{r['model']} w{r['wbits']}a{r['abits']} {r['mode']}, build {r['build_dir']}; clean accuracy "
              f"{_pct(r['clean_acc'])}% on {r['n_examples']} {r['dataset']} test images.", "",
-             "| layer | node | PE | SIMD | weight bits | threshold bits | activation bits/image |",
+             "| layer | node | PE | SIMD | weight bits (type, ram_style) | threshold bits (type, ram_style) | "
+             "activation bits/image |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in r["memories"]:
         lines.append(f"| {m['layer']} | {m['node']} | {m['pe']} | {m['simd']} | {m['weights']} "
-                     f"({m.get('weights_dtype', '-')}) | {m['thresholds']} ({m.get('thresholds_dtype', '-')}) | "
+                     f"({m.get('weights_dtype', '-')}, {m.get('weights_ram', '-')}) | {m['thresholds']} "
+                     f"({m.get('thresholds_dtype', '-')}, {m.get('thresholds_ram', '-')}) | "
                      f"{m['activations']} ({m.get('activations_dtype', '-')}) |")  # fmt: skip
     if "random" in r:
         rr = r["random"]
