@@ -99,8 +99,8 @@ class RateResult:
 
 
 def ci95(accs: Sequence[float]) -> float:
-    """Half-width of the Student-t 95% interval of the mean (0 for one trial)."""
-    if len(accs) < 2:
+    """Half-width of the Student-t 95% interval of the mean (0 for one trial or identical trials)."""
+    if len(set(accs)) < 2:
         return 0.0
     from scipy import stats
 
@@ -159,9 +159,11 @@ def random_faults(
             accs.append(acc)
             nm.append(n_mem)
             na.append(n_act / len(x))
+        # identical trials (rate 0) report that accuracy exactly: a float mean of equal values can round
+        same = accs[0] if len(set(accs)) == 1 else None
         r = RateResult(
-            rate=float(rate), trials=trials, acc_mean=float(np.mean(accs)),
-            acc_std=float(np.std(accs, ddof=1)) if trials > 1 else 0.0, ci95=ci95(accs), accs=accs,
+            rate=float(rate), trials=trials, acc_mean=same if same is not None else float(np.mean(accs)),
+            acc_std=0.0 if same is not None else float(np.std(accs, ddof=1)), ci95=ci95(accs), accs=accs,
             expected_flips_memory=mem_bits * rate, expected_flips_activation_per_image=act_bits * rate,
             mean_flips_memory=float(np.mean(nm)), mean_flips_activation_per_image=float(np.mean(na)),
             wall_s=time.time() - t0,
