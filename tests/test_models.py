@@ -76,3 +76,30 @@ def test_weight_quantizer_levels(wbits):
         assert ints.abs().max() <= 2 ** (wbits - 1) - 1
         assert ints.abs().max() == 2 ** (wbits - 1) - 1  # max |w| per channel maps to the top level
     assert q.scale.shape[0] == conv.weight.shape[0]  # per output channel
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_end_bits_quantize_only_the_first_and_last_layer_wider(name):
+    kw = {"width": 0.25} if name == "cnv" else {"width": 1, "depth": 10} if name == "wrn" else {}
+    m = create_model(name, 2, 2, end_bits=8, **kw)
+    layers = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d | torch.nn.Linear)]
+    bits = [int(x.quant_weight().bit_width) for x in layers]
+    assert bits[0] == 8 and bits[-1] == 8 and set(bits[1:-1]) == {2}
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # full-precision weights stay full precision; a bad width is a one-line ConfigError
+    assert all(not x.weight_quant.is_quant_enabled for x in create_model("tiny", None, 2, end_bits=8).modules()
+               if isinstance(x, torch.nn.Conv2d | torch.nn.Linear))  # fmt: skip
+    with pytest.raises(ConfigError, match="end_bits"):
+        create_model(name, 2, 2, end_bits=9, **kw)
+
+
+def test_model_config_round_trips_the_new_fields():
+    from hw_dq.nn.models import ModelConfig, model_from_config
+    from hw_dq.nn.quant import BoundedBatchNorm1d, BoundedBatchNorm2d
+
+    cfg = ModelConfig(name="cnv", width=0.25, end_bits=8, bn_gain_max=2.0, act_range="fixed")
+    assert ModelConfig.from_stored(cfg.to_dict(), cfg.quant_scheme) == cfg
+    m = model_from_config(cfg)
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 8 and all(isinstance(b, BoundedBatchNorm2d | BoundedBatchNorm1d) for b in bns)
+    assert all(b.gain_max == 2.0 for b in bns)
