@@ -287,7 +287,7 @@ def robust_accuracy(
     if entry.counting == "within-eps":  # minimal-perturbation attack: a success counts only inside the ball
         ok |= (dist > eps_255 / 255.0 + 1e-6) & clean_ok
     r = AttackResult(
-        attack=attack, eps=float(eps_255), robust_acc=float(ok.float().mean()) if len(y) else 0.0,
+        attack=attack, eps=float(eps_255), robust_acc=int(ok.sum()) / len(y) if len(y) else 0.0,
         n_examples=int(len(y)), params={"kind": entry.kind, **c.params}, seed=seed, wall_s=time.time() - t0,
         norm=entry.norm, max_perturbation=float(dist.max()) if len(dist) else 0.0, breakdown=c.breakdown,
         kind=entry.kind, robust=[bool(v) for v in ok], warnings=list(c.warnings),
@@ -298,4 +298,4 @@ def robust_accuracy(
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy (fraction) in eval mode."""
     model.eval()
-    return float((predict(model, x, batch_size) == y.cpu()).float().mean()) if len(y) else 0.0
+    return int((predict(model, x, batch_size) == y.cpu()).sum()) / len(y) if len(y) else 0.0
