@@ -1,0 +1,210 @@
+"""Robust low-bit CNVs: adversarial training inside QAT, judged by the per-image worst case over
+reference AutoAttack (standard) and the adaptive attacks through the quantizers.
+
+A prepared, resumable script for a lent GPU (every call fits in 10 minutes; steps that finished are
+never redone, a killed training run or AutoAttack evaluation continues where it stopped). Two arms:
+
+* ``cs`` (the reproduction's CPU scale: half-width CNV, 10,000 CIFAR-10 training images):
+  FP+AT, then VQ+AT and DQ+AT fine-tuned from it at w2a2, w4a4 and w2a1 with the same recipe
+  and budget, and one hard-constraint variant (per-step spectral projection of the BN-folded operator).
+* ``gs`` (GPU scale: full-width CNV, every training image carried to the device): FP+AT and w2a2+AT.
+
+    python -m benchmarks.robust_gpu --data DATA_DIR --work WORK_DIR [--out OUT_DIR] [--budget-s 480]
+    python -m benchmarks.robust_gpu --smoke --data DATA_DIR --work /tmp/smoke   # minutes on a CPU
+
+DATA_DIR holds ``cifar10_train_part1.npz`` and ``cifar10_test.npz`` as written by
+``benchmarks/cifar_subset.py`` (the 1,000 evaluation images are the ones the reproduction uses).
+Results: ``WORK_DIR/robust_gpu.json`` (copied to OUT_DIR with the run directories' small files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPE = {"adv_train": "nfgsm", "adv_eps": 8.0, "batch_size": 128, "seed": 0, "robust_eval_n": 500}
+CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, **RECIPE}
+GS = {"model": "cnv", "width": 1.0, "data": "cifar10", **RECIPE}
+FT = {"epochs": 10, "lr": 0.02, "grad_clip": 5.0}  # quantized fine-tuning from the robust FP twin
+DQ = {"beta": 1e-4, "lipschitz_target": "bn_folded"}  # the reproduction's DQ setting
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # train | eval
+    run: str
+    cfg: dict[str, Any] = field(default_factory=dict)
+    eps: float = 8.0
+
+
+def plan(smoke: bool) -> list[Step]:
+    """Steps in priority order: what matters most runs first, so a short lease still answers it."""
+    fp = {"wbits": "float", "abits": "float", "epochs": 30, "lr": 0.05}
+
+    def q(w: int, a: int, **extra: Any) -> dict[str, Any]:
+        return {**CS, **FT, "wbits": w, "abits": a, "init_from": "cs-fp-at", **extra}
+
+    steps = [
+        Step("train", "cs-fp-at", {**CS, **fp}),
+        Step("train", "cs-vq-w2a2-at", q(2, 2)),
+        Step("train", "cs-dq-w2a2-at", q(2, 2, **DQ)),
+        Step("eval", "cs-fp-at"),
+        Step("eval", "cs-vq-w2a2-at"),
+        Step("eval", "cs-dq-w2a2-at"),
+        Step("train", "cs-vq-w4a4-at", q(4, 4)),
+        Step("train", "cs-dq-w4a4-at", q(4, 4, **DQ)),
+        Step("eval", "cs-vq-w4a4-at"),
+        Step("eval", "cs-dq-w4a4-at"),
+        Step("eval", "cs-fp-at", eps=2.0),
+        Step("eval", "cs-vq-w2a2-at", eps=2.0),
+        Step("eval", "cs-dq-w2a2-at", eps=2.0),
+        Step("train", "cs-vq-w2a1-at", q(2, 1)),
+        Step("eval", "cs-vq-w2a1-at"),
+        Step("train", "cs-proj-w2a2-at", q(2, 2, lipschitz_target="bn_folded", lipschitz_project=2.0)),
+        Step("eval", "cs-proj-w2a2-at"),
+        Step("train", "gs-fp-at", {**GS, **fp}),
+        Step("train", "gs-w2a2-at", {**GS, **FT, "wbits": 2, "abits": 2, "init_from": "gs-fp-at"}),
+        Step("eval", "gs-w2a2-at"),
+        Step("eval", "gs-fp-at"),
+        Step("eval", "cs-vq-w4a4-at", eps=2.0),
+        Step("eval", "cs-dq-w4a4-at", eps=2.0),
+    ]
+    if smoke:  # the same code path at toy size (tiny model, a few hundred images, one epoch)
+        small = {"model": "tiny", "width": None, "train_subset": 600, "epochs": 1, "robust_eval_n": 64}
+        steps = [Step(s.kind, s.run, {**s.cfg, **small} if s.kind == "train" else s.cfg, s.eps) for s in steps[:6]]
+    return steps
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"train": {}, "eval": {}}
+
+
+def train_step(s: Step, work: Path, data: Path) -> dict[str, Any]:
+    from hw_dq import run as rd
+    from hw_dq.train.config import TrainConfig
+    from hw_dq.train.loop import train
+
+    cfg = dict(s.cfg, data_dir=str(data))
+    if "init_from" in cfg:
+        cfg["init_from"] = str(work / cfg["init_from"])
+    out = work / s.run
+    t0 = time.time()
+    train(TrainConfig(**cfg), out, resume=(out / rd.CHECKPOINT).is_file(), progress=False)
+    rows = rd.read_jsonl(out / rd.METRICS)
+    best = max(rows, key=lambda r: r.get("holdout_pgd_acc", 0.0))
+    return {"config": {k: v for k, v in s.cfg.items()}, "epochs": len(rows), "time_s": time.time() - t0,
+            "last": rows[-1], "best_epoch": best["epoch"], "collapse_epochs": [r["epoch"] for r in rows
+                                                                               if r.get("collapse")]}  # fmt: skip
+
+
+def eval_step(s: Step, work: Path, data: Path, n: int, device: str) -> dict[str, Any]:
+    """Clean accuracy, reference AutoAttack (standard), BPDA-PGD and temperature-PGD; per-image worst case."""
+    import torch
+
+    from hw_dq import run as rd
+    from hw_dq.data import load_split, to_float
+    from hw_dq.robust import adaptive
+    from hw_dq.robust import autoattack as aa
+
+    model, _ = rd.load_model(work / s.run, device=device)
+    te = load_split("cifar10", "test", data).take(n, 0)
+    x, y = to_float(torch.from_numpy(te.x)).to(device), torch.from_numpy(te.y).to(device)
+    eps = s.eps / 255.0
+
+    def correct(xa: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(xa[i : i + 500]).argmax(1) == y[i : i + 500] for i in range(0, len(y), 500)])
+
+    t0 = time.time()
+    clean = correct(x)
+    per: dict[str, torch.Tensor] = {}
+    times: dict[str, float] = {}
+    t = time.time()
+    state = work / s.run / f"autoattack_state_eps{s.eps:g}"
+    out = aa.run(model, x, y, eps, version="standard", seed=0, batch_size=500, state_path=state)
+    per["autoattack"] = out.robust.to(device).bool() & clean
+    times["autoattack"], t = time.time() - t, time.time()
+    gen = torch.Generator().manual_seed(0)
+    per["bpda-pgd"] = correct(adaptive.bpda_pgd(model, x, y, eps, steps=50, restarts=2, generator=gen)) & clean
+    times["bpda-pgd"], t = time.time() - t, time.time()
+    per["temperature-pgd"] = correct(adaptive.temperature_pgd(model, x, y, eps, steps=50, restarts=2,
+                                                              generator=gen)) & clean  # fmt: skip
+    times["temperature-pgd"] = time.time() - t
+    worst = clean.clone()
+    for v in per.values():
+        worst &= v
+    res = {
+        "eps": s.eps, "n": n, "seed": 0, "clean": float(clean.float().mean()),
+        "robust": {k: float(v.float().mean()) for k, v in per.items()},
+        "worst_case": float(worst.float().mean()), "attack_set": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, "
+        "Square 5000) + BPDA-PGD-50x2 + temperature-PGD-50x2, per-image worst case",
+        "autoattack_breakdown": out.breakdown, "autoattack_params": out.params,
+        "autoattack_warnings": out.warnings, "time_s": time.time() - t0, "times": times,
+    }  # fmt: skip
+    return res
+
+
+def pack(work: Path, out: Path) -> None:
+    """Copy the results and the run directories' small files (weights, config, metrics) to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "robust_gpu.json", out / "robust_gpu.json")
+    tmp = out / ".runs.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for run in sorted(p for p in work.iterdir() if p.is_dir()):
+            for f in ("config.json", "metrics.jsonl", "model.safetensors", "lipschitz.json"):
+                if (run / f).is_file():
+                    tar.add(run / f, arcname=f"{run.name}/{f}")
+    tmp.replace(out / "runs.tar.gz")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="start no new step after this many seconds")
+    ap.add_argument("--n", type=int, default=1000, help="test images per evaluation")
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+
+    from hw_dq import run as rd
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 24 if a.smoke else a.n
+    a.work.mkdir(parents=True, exist_ok=True)
+    res_path = a.work / "robust_gpu.json"
+    res = _read(res_path)
+    res["machine"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    t_start = time.time()
+    for s in plan(a.smoke):
+        key = s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
+        if key in res[s.kind]:
+            continue
+        if time.time() - t_start > a.budget_s:
+            print(f"budget spent: stopping before {s.kind} {key}", flush=True)
+            break
+        t = time.time()
+        if s.kind == "train":
+            res["train"][key] = train_step(s, a.work, a.data)
+        else:
+            res["eval"][key] = eval_step(s, a.work, a.data, n, device)
+        rd.write_json(res_path, res)
+        if a.out:
+            pack(a.work, a.out)
+        r = res[s.kind][key]
+        what = (f"clean {r['clean']:.3f} worst {r['worst_case']:.3f} {r['robust']}" if s.kind == "eval"
+                else f"test {r['last']['test_acc']:.3f} held-out PGD {r['last'].get('holdout_pgd_acc', 0):.3f}")  # fmt: skip
+        print(f"[{time.time() - t_start:6.0f}s] {s.kind} {key}: {what} ({time.time() - t:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
