@@ -44,6 +44,26 @@ class Step:
     eps: float = 8.0
 
 
+SAMPLE = {"model": "cnv", "width": 0.5, "data": "sample", **RECIPE, "robust_eval_n": 256}
+
+
+def plan_sample() -> list[Step]:
+    """The embedded 4,000/1,000 sample on a CPU: FP+AT, VQ+AT and DQ+AT at w2a2, VQ+AT at w4a4 and w2a1."""
+    ft = {**SAMPLE, "epochs": 6, "lr": 0.02, "grad_clip": 5.0, "init_from": "sm-fp-at"}
+    return [
+        Step("train", "sm-fp-at", {**SAMPLE, "wbits": "float", "abits": "float", "epochs": 15, "lr": 0.05}),
+        Step("train", "sm-vq-w2a2-at", {**ft, "wbits": 2, "abits": 2}),
+        Step("train", "sm-dq-w2a2-at", {**ft, "wbits": 2, "abits": 2, **DQ}),
+        Step("eval", "sm-fp-at"),
+        Step("eval", "sm-vq-w2a2-at"),
+        Step("eval", "sm-dq-w2a2-at"),
+        Step("train", "sm-vq-w4a4-at", {**ft, "wbits": 4, "abits": 4}),
+        Step("eval", "sm-vq-w4a4-at"),
+        Step("train", "sm-vq-w2a1-at", {**ft, "wbits": 2, "abits": 1}),
+        Step("eval", "sm-vq-w2a1-at"),
+    ]
+
+
 def plan(smoke: bool) -> list[Step]:
     """Steps in priority order: what matters most runs first, so a short lease still answers it."""
     fp = {"wbits": "float", "abits": "float", "epochs": 30, "lr": 0.05}
@@ -114,7 +134,8 @@ def eval_step(s: Step, work: Path, data: Path, n: int, device: str) -> dict[str,
     from hw_dq.robust import autoattack as aa
 
     model, _ = rd.load_model(work / s.run, device=device)
-    te = load_split("cifar10", "test", data).take(n, 0)
+    name = rd.read_json(work / s.run / rd.CONFIG)["train"]["data"]
+    te = load_split(name, "test", None if name == "sample" else data).take(n, 0)
     x, y = to_float(torch.from_numpy(te.x)).to(device), torch.from_numpy(te.y).to(device)
     eps = s.eps / 255.0
 
@@ -172,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no new step after this many seconds")
     ap.add_argument("--n", type=int, default=1000, help="test images per evaluation")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--arm", choices=("gpu", "sample"), default="gpu", help="sample: the embedded sample on a CPU")
     a = ap.parse_args(argv)
     import torch
 
@@ -184,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     res = _read(res_path)
     res["machine"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     t_start = time.time()
-    for s in plan(a.smoke):
+    for s in plan_sample() if a.arm == "sample" else plan(a.smoke):
         key = s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
         if key in res[s.kind]:
             continue
@@ -200,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.out:
             pack(a.work, a.out)
         r = res[s.kind][key]
-        what = (f"clean {r['clean']:.3f} worst {r['worst_case']:.3f} {r['robust']}" if s.kind == "eval"
-                else f"test {r['last']['test_acc']:.3f} held-out PGD {r['last'].get('holdout_pgd_acc', 0):.3f}")  # fmt: skip
+        if s.kind == "eval":
+            what = f"clean {r['clean']:.3f} worst {r['worst_case']:.3f} {r['robust']}"
+        else:
+            what = f"test {r['last']['test_acc']:.3f} held-out PGD {r['last'].get('holdout_pgd_acc', 0):.3f}"
         print(f"[{time.time() - t_start:6.0f}s] {s.kind} {key}: {what} ({time.time() - t:.0f}s)", flush=True)
     return 0
 
