@@ -49,9 +49,9 @@ SAMPLE = {"model": "cnv", "width": 0.5, "data": "sample", **RECIPE, "robust_eval
 
 def plan_sample() -> list[Step]:
     """The embedded 4,000/1,000 sample on a CPU: FP+AT, VQ+AT and DQ+AT at w2a2, VQ+AT at w4a4 and w2a1."""
-    ft = {**SAMPLE, "epochs": 6, "lr": 0.02, "grad_clip": 5.0, "init_from": "sm-fp-at"}
+    ft = {**SAMPLE, "epochs": 4, "lr": 0.02, "grad_clip": 5.0, "init_from": "sm-fp-at"}
     return [
-        Step("train", "sm-fp-at", {**SAMPLE, "wbits": "float", "abits": "float", "epochs": 15, "lr": 0.05}),
+        Step("train", "sm-fp-at", {**SAMPLE, "wbits": "float", "abits": "float", "epochs": 8, "lr": 0.05}),
         Step("train", "sm-vq-w2a2-at", {**ft, "wbits": 2, "abits": 2}),
         Step("train", "sm-dq-w2a2-at", {**ft, "wbits": 2, "abits": 2, **DQ}),
         Step("eval", "sm-fp-at"),
