@@ -187,6 +187,7 @@ class ModelConfig:
     act_range: str = "learned"  # "fixed": ReLU6 [0, 6] (scheme 1); "learned": per-tensor learned range
     end_bits: int | None = None  # weight bits of the first and last layer (mixed precision), None = wbits
     bn_gain_max: float | None = None  # bound BatchNorm's inference gain to [0, bn_gain_max]
+    model_args: dict | None = None  # constructor keyword arguments of a user's own model (name 'module:Class')
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +215,63 @@ class ModelConfig:
             raise CheckpointError(f"{where} has no valid 'model' section ({e})") from None
 
 
+def is_custom(name: str) -> bool:
+    """Whether ``name`` names a user's own model class (``package.module:ClassName``)."""
+    return ":" in name
+
+
+def import_model_class(path: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass named ``package.module:ClassName``, or a one-line ConfigError.
+
+    The module is imported by name from ``sys.path`` (never from a file path): the name comes from
+    the user's own command line or config file, and importing it runs that module's code, as
+    ``python -c 'import package.module'`` would. Never pass a name taken from untrusted data.
+    """
+    import importlib
+
+    module_name, _, cls_name = path.partition(":")
+    if not module_name or not cls_name or not all(p.isidentifier() for p in module_name.split(".") + [cls_name]):
+        raise ConfigError(
+            f"invalid model {path!r}: use a shipped name ({', '.join(MODELS)}) or package.module:ClassName"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's module is reported in one line
+        raise ConfigError(f"cannot import model module {module_name!r} ({type(e).__name__}: {e})") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"module {module_name!r} has no class {cls_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"model {path!r} is not a torch.nn.Module subclass")
+    return cls
+
+
+def _create_custom(
+    path: str, wbits: int | None, abits: int | None, num_classes: int, in_channels: int, model_args: dict | None
+) -> nn.Module:
+    """A user's own model: ``num_classes``/``in_channels``/``wbits``/``abits`` are passed where the
+    constructor names them (or takes ``**kwargs``), then ``model_args`` (which wins)."""
+    import inspect
+
+    cls = import_model_class(path)
+    if model_args is not None and not isinstance(model_args, dict):
+        raise ConfigError(f"model_args must be a JSON object of constructor arguments, not {type(model_args).__name__}")
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {"num_classes": num_classes, "in_channels": in_channels, "wbits": wbits, "abits": abits}
+    kwargs = {k: v for k, v in given.items() if k in params or var_kw} | dict(model_args or {})
+    try:
+        model = cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - a bad argument of the user's class is a one-line error
+        raise ConfigError(f"cannot construct model {path} with {sorted(kwargs)} ({type(e).__name__}: {e})") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {path!r} did not construct a torch.nn.Module")
+    return model
+
+
 def create_model(
     name: str,
     wbits: int | None,
@@ -227,14 +285,21 @@ def create_model(
     act_range: str = "learned",
     end_bits: int | None = None,
     bn_gain_max: float | None = None,
+    model_args: dict | None = None,
 ) -> nn.Module:
     """Build a model; ``wbits``/``abits`` = None for full precision (quantizers off).
 
     ``width`` defaults to 1.0 for ``cnv``/``tiny`` and 10 for ``wrn``. ``end_bits``: weight bits
     of the first and last layer (FINN takes 8-bit weights there), None = ``wbits`` everywhere.
+    ``name`` may also be ``package.module:ClassName``, a user's own (Brevitas) model built with
+    ``model_args`` (see :func:`import_model_class`); the shipped-model options do not apply to it.
     """
+    if is_custom(name):
+        return _create_custom(name, wbits, abits, num_classes, in_channels, model_args)
+    if model_args:
+        raise ConfigError(f"model_args is for a user's own model (package.module:ClassName), not {name!r}")
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or package.module:ClassName")
     spec = QuantSpec(wbits, abits, act_range, bn_gain_max)
     end_bits = parse_bits(end_bits, "first/last layer weight bit width (end_bits)")
     if width is not None and width <= 0:
@@ -252,5 +317,5 @@ def model_from_config(cfg: ModelConfig) -> nn.Module:
         cfg.name, cfg.wbits, cfg.abits, width=cfg.width, depth=cfg.depth,
         num_classes=cfg.num_classes, in_channels=cfg.in_channels,
         residual_lambda=cfg.residual_lambda, act_range=cfg.act_range, end_bits=cfg.end_bits,
-        bn_gain_max=cfg.bn_gain_max,
+        bn_gain_max=cfg.bn_gain_max, model_args=cfg.model_args,
     )  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 from hw_dq.data import DATASETS
 from hw_dq.errors import ConfigError
 from hw_dq.nn import lipschitz
-from hw_dq.nn.models import MODELS, ModelConfig
+from hw_dq.nn.models import MODELS, ModelConfig, is_custom
 from hw_dq.nn.quant import bits_label, parse_bits
 from hw_dq.train.adversarial import RECIPES, AdvRecipe
 
@@ -35,7 +35,11 @@ class TrainConfig:
     Bit widths are parsed once, here, into ``int`` (1..8) or ``None`` (full precision).
     """
 
-    model: str = _f("cnv", "architecture", "model", choices=MODELS)
+    model: str = _f("cnv", f"architecture: {', '.join(MODELS)}, or your own nn.Module as package.module:ClassName "
+                    "(imported by name; constructor arguments from the config's model_args)", "model",
+                    metavar="MODEL")  # fmt: skip
+    model_args: dict[str, Any] | None = _f(None, "constructor keyword arguments of a package.module:ClassName model",
+                                           "model", cli=False)  # fmt: skip
     wbits: int | None = _f(2, "weight bits 1..8 or 'float'", "model", bits=True)
     abits: int | None = _f(2, "activation bits 1..8 or 'float'", "model", bits=True)
     width: float | None = _f(None, "channel multiplier (cnv/tiny; default 1) or widening factor (wrn; default 10)",
@@ -94,7 +98,12 @@ class TrainConfig:
         )
         checks = [
             (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay) is not finite"),
-            (self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}"),
+            (isinstance(self.model, str) and (self.model in MODELS or is_custom(self.model)),
+             f"unknown model {self.model!r} (--model); choose one of {', '.join(MODELS)} or package.module:ClassName"),
+            (self.model_args is None or isinstance(self.model_args, dict),
+             "model_args must be a JSON object of constructor keyword arguments"),
+            (not self.model_args or is_custom(str(self.model)),
+             f"model_args is for a package.module:ClassName model, not {self.model!r}"),
             (self.beta >= 0, f"invalid beta {self.beta}: must be >= 0"),
             (self.lipschitz_target in lipschitz.TARGETS,
              f"unknown Lipschitz target {self.lipschitz_target!r}; choose one of {', '.join(lipschitz.TARGETS)}"),
@@ -146,6 +155,7 @@ class TrainConfig:
             name=self.model, wbits=self.wbits, abits=self.abits, width=self.width, depth=self.depth,
             residual_lambda=self.residual_lambda, in_channels=in_channels, num_classes=num_classes,
             act_range=self.act_range, end_bits=self.end_bits, bn_gain_max=self.bn_gain_max,
+            model_args=self.model_args,
         )  # fmt: skip
 
     @classmethod
