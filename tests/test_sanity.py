@@ -16,10 +16,14 @@ CFG = SanityConfig(n_probe=64, square_queries=300, strong_steps_factor=3, strong
 
 
 class HardRound(nn.Module):
-    """Rounds the input to 4 levels with torch.round: its gradient is exactly zero (no STE)."""
+    """Rounds the input to k + 1 levels with torch.round: its gradient is exactly zero (no STE)."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x * 3) / 3
+        return torch.round(x * self.k) / self.k
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -43,7 +47,8 @@ def test_checks_pass_on_a_normal_model(net):
     status = {c["name"]: c["status"] for c in rep["checks"]}
     assert rep["verdict"] == "pass", rep["checks"]
     assert set(status) == {"monotone_in_eps", "zero_at_large_eps", "iterative_beats_single_step",
-                           "white_box_beats_black_box", "more_steps_restarts"}  # fmt: skip
+                           "white_box_beats_black_box", "more_steps_restarts", "worst_case_near_white_box",
+                           "adaptive_not_stronger", "attack_library_warnings"}  # fmt: skip
 
 
 def test_checks_warn_on_a_gradient_masked_model(net):
@@ -57,3 +62,30 @@ def test_checks_warn_on_a_gradient_masked_model(net):
     assert status["white_box_beats_black_box"] == "warn", rep["checks"]
     assert status["zero_at_large_eps"] == "warn", rep["checks"]
     assert all(c["evidence"] for c in rep["checks"])
+
+
+def test_per_image_worst_case_exposes_a_masked_model(net):
+    """Rounding to the UINT8 grid with torch.round: the same classifier, zero gradients.
+
+    White-box PGD alone rates it high; the per-image worst case over PGD, Square and PGD
+    transferred from the unmasked network rates it near 0%, and the masking checks say so.
+    """
+    from hw_dq.robust.evaluate import evaluation, worst_case
+    from hw_dq.robust.sanity import masking_checks
+
+    masked = nn.Sequential(HardRound(255), net).eval()
+    x, y = test_data(64)
+    clean = clean_accuracy(masked, x, y)
+    assert clean == clean_accuracy(net, x, y) > 0.3  # the inputs are on the grid already: same predictions
+    evals = []
+    for a in ("pgd", "square", "transfer-pgd"):
+        r = robust_accuracy(masked, x, y, a, 8.0, params=PARAMS, source=net)
+        evals.append(evaluation(a, r.kind, r.norm, 8.0, r.robust_acc, r.n_examples, 0, r.wall_s, r.max_perturbation,
+                                r.params, robust_mask=r.robust_mask))  # fmt: skip
+    pgd = evals[0]["robust_acc"]
+    w = worst_case(evals, 8.0)
+    assert pgd >= 0.6 * clean  # PGD alone: gradients are zero, only the random start moves the input
+    assert w is not None and w["robust_acc"] <= 0.05
+    checks = {c["name"]: c for c in masking_checks(evals, CFG)}
+    assert checks["worst_case_near_white_box"]["status"] == "warn", checks
+    assert "masked" in checks["worst_case_near_white_box"]["evidence"]

@@ -42,7 +42,11 @@ def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> d
     Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"}`` or None
     when no evaluation at that eps has flags.
     """
-    at = [e for e in evaluations if e["norm"] == norm and abs(float(e["eps"]) - eps) < 1e-9 and e.get("robust_mask")]
+    at = [
+        e
+        for e in evaluations
+        if e.get("norm", "Linf") == norm and abs(float(e["eps"]) - eps) < 1e-9 and e.get("robust_mask")
+    ]
     if not at:
         return None
     n = len(at[0]["robust_mask"])
@@ -56,7 +60,7 @@ def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> d
 
 def worst_cases(evaluations: Sequence[dict]) -> list[dict[str, Any]]:
     """:func:`worst_case` at every (eps, norm) evaluated, in eps order."""
-    keys = sorted({(float(e["eps"]), e["norm"]) for e in evaluations}, key=lambda k: (k[1], k[0]))
+    keys = sorted({(float(e["eps"]), e.get("norm", "Linf")) for e in evaluations}, key=lambda k: (k[1], k[0]))
     return [w for e, nm in keys if (w := worst_case(evaluations, e, nm)) is not None]
 
 

@@ -163,14 +163,18 @@ def run_checks(
 def masking_checks(evaluations: Sequence[dict], cfg: SanityConfig | None = None) -> list[dict[str, Any]]:
     """The checks computed from a result's evaluations alone (per-image flags, library warnings)."""
     from hw_dq.robust.evaluate import worst_case
+    from hw_dq.robust.registry import ATTACKS
+
+    def kind(v: dict) -> str:  # evaluations built by hand may leave the kind out
+        return v.get("kind") or (ATTACKS[v["attack"]].kind if v["attack"] in ATTACKS else "?")
 
     cfg = cfg or SanityConfig()
     out = []
-    lin = [e for e in evaluations if e["norm"] == "Linf"]
+    lin = [e for e in evaluations if e.get("norm", "Linf") == "Linf"]
     eps_all = sorted({float(e["eps"]) for e in lin})
     rows, ok, seen = [], True, False
     for e in eps_all:
-        white = [v for v in lin if float(v["eps"]) == e and v["kind"] == "white" and v["attack"] not in SINGLE_STEP]
+        white = [v for v in lin if float(v["eps"]) == e and kind(v) == "white" and v["attack"] not in SINGLE_STEP]
         w = worst_case(lin, e)
         if not white or w is None or len(w["attacks"]) < 2:
             continue
@@ -187,7 +191,7 @@ def masking_checks(evaluations: Sequence[dict], cfg: SanityConfig | None = None)
     rows, ok, seen = [], True, False
     for e in eps_all:
         pgd = [v for v in lin if float(v["eps"]) == e and v["attack"] == "pgd"]
-        ada = [v for v in lin if float(v["eps"]) == e and v["kind"] == "adaptive"]
+        ada = [v for v in lin if float(v["eps"]) == e and kind(v) == "adaptive"]
         if not pgd or not ada:
             continue
         seen = True
