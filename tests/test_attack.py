@@ -1,4 +1,4 @@
-"""Attack stage: ART attacks respect eps and the [0, 1] box, PGD breaks an undefended model, CLI errors."""
+"""Attack stage: the registry's attacks respect eps and the [0, 1] box, PGD breaks an undefended model, CLI errors."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def model(run_dir: Path) -> torch.nn.Module:
     return rd.load_model(run_dir)[0]
 
 
-@pytest.mark.parametrize("attack", ["fgsm", "rfgsm", "pgd", "apgd-ce", "apgd-t", "square", "autoattack"])
+@pytest.mark.parametrize("attack", ["fgsm", "rfgsm", "pgd", "apgd-ce", "apgd-t", "square", "art-apgd-square", "bpda"])
 def test_linf_attacks_respect_eps_and_box(model, attack):
     x, y = test_data(24)
     x_adv, _, _ = generate(model, x, y, attack, 8.0, params=SMALL)
@@ -114,6 +114,64 @@ def test_cli_unknown_attack_is_one_line_exit_2(run_dir):
 def test_cli_negative_eps(run_dir, capsys):
     assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps=-2", "--n", "8"), "eps")
     assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "2,x"), "numbers")
+    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "inf", "--n", "8"), "finite")
+    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "nan", "--n", "8"), "finite")
+
+
+def test_cli_bad_version_and_name_taken(run_dir, capsys):
+    before = sorted(p.name for p in (run_dir / "attacks").glob("*")) if (run_dir / "attacks").is_dir() else []
+    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "autoattack", "--version", "extreme")
+    assert_one_line_error(proc, "--version", "standard")
+    (run_dir / "attacks").mkdir(exist_ok=True)
+    (run_dir / "attacks" / "taken.json").write_text("{}")
+    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--name", "taken", "--n", "8"), "--force")
+    assert (run_dir / "attacks" / "taken.json").read_text() == "{}"  # nothing lost
+    (run_dir / "attacks" / "taken.json").unlink()
+    assert sorted(p.name for p in (run_dir / "attacks").glob("*")) == before
+
+
+def test_small_linf_eps_prints_a_note(model, capsys):
+    from hw_dq.robust import registry
+
+    x, y = test_data(4)
+    registry._noted.discard(0.031)
+    robust_accuracy(model, x, y, "fgsm", 0.031)
+    err = capsys.readouterr().err
+    assert "units of 1/255" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_autoattack_state_is_one_line_and_loses_nothing(run_dir, capsys):
+    state = run_dir / "attacks" / ".state"
+    state.mkdir(parents=True, exist_ok=True)
+    bad = state / "cx.apgd-ce.Linf.eps8.state.json"
+    bad.write_text("{not json")
+    keep = run_dir / "attacks" / "keep.json"
+    keep.write_text('{"keep": 1}')
+    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "apgd-ce", "--n", "8", "--name", "cx")
+    assert_one_line_error(proc, "corrupt AutoAttack state file", "delete it")
+    assert bad.read_text() == "{not json" and keep.read_text() == '{"keep": 1}'
+    assert sorted(p.name for p in state.iterdir()) == [bad.name]
+    bad.unlink()
+    keep.unlink()
+
+
+def test_autoattack_state_resumes_after_the_last_finished_component(model, tmp_path):
+    """A saved state with APGD-CE done is continued (not restarted), and removed at the end."""
+    from hw_dq.robust import autoattack
+
+    x, y = test_data(8)
+    p = tmp_path / "s.json"
+    first = autoattack.run(model, x, y, 8 / 255, state_path=p, components=["apgd-ce"], budgets={"apgd_iters": 5})
+    assert not p.exists() and not first.resumed
+    # fake a kill after APGD-CE: write the state as run() does after that component
+    key = autoattack._key(x.float(), y, 8 / 255, "Linf", "custom:apgd-ce,square", 0)
+    st = {"key": key, "done": ["apgd-ce"], "robust": first.robust.tolist(), "breakdown": {"clean": 1.0}}
+    autoattack._save_state(p, st, first.x_adv)
+    out = autoattack.run(model, x, y, 8 / 255, state_path=p, components=["apgd-ce", "square"],
+                         budgets={"apgd_iters": 5, "square_queries": 20})  # fmt: skip
+    assert out.resumed and "after_apgd-ce" not in out.breakdown and "after_square" in out.breakdown
+    assert bool((out.robust <= first.robust).all())  # square only removes images APGD-CE left
+    assert not p.exists()
 
 
 def test_cli_run_dir_without_checkpoint(tmp_path, capsys):
