@@ -75,3 +75,24 @@ def test_load_rejects_bad_files(tmp_path):
         load([tmp_path / "bad.json"])
     with pytest.raises(Exception, match="no such"):
         load([tmp_path / "missing.json"])
+
+
+def test_worst_case_is_per_image_and_becomes_the_headline():
+    from hw_dq.robust.evaluate import headline as worst_headline
+    from hw_dq.robust.evaluate import worst_case
+
+    r = example()
+    masks = {"fgsm": "1100110011", "pgd": "1010101010", "square": "1111000011"}
+    ev = [dict(e, n_examples=10, robust_mask=masks[e["attack"]], robust_acc=masks[e["attack"]].count("1") / 10)
+          for e in r["evaluations"] if e["eps"] == 8.0]  # fmt: skip
+    w = worst_case(ev, 8.0)
+    # survives all three only at positions 0 and 8: 20%, below every attack's own number (40%..60%)
+    assert w["robust_acc"] == 0.2 and w["attacks"] == ["fgsm", "pgd", "square"]
+    assert w["per_attack"] == {"fgsm": 0.6, "pgd": 0.5, "square": 0.6}
+    assert worst_headline(ev)["robust_acc"] == 0.2 < min(e["robust_acc"] for e in ev)
+    r.update(evaluations=ev, n_examples=10, headline=worst_headline(ev), worst_case=[w])
+    validate(r)
+    bad = copy.deepcopy(r)
+    bad["evaluations"][0]["robust_mask"] = "11"
+    with pytest.raises(SchemaError, match="robust_mask"):
+        validate(bad)
