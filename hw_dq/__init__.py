@@ -11,3 +11,20 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
 __version__ = "0.1.0"
+
+# The Python API (hw_dq.api), imported on first use so that 'import hw_dq' stays cheap. Its ``train``
+# is not re-exported here: ``hw_dq.train`` is the training subpackage, and a name that is a function
+# or a module depending on what was imported before would be a trap; use ``hw_dq.api.train``.
+_API = ("TrainResult", "attack", "attack_hw", "build", "certify", "export", "faults", "reproduce", "simulate")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module-level lazy attribute (PEP 562)
+    if name in _API:
+        from hw_dq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hw_dq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
