@@ -12,6 +12,7 @@ demo: setup
 test: setup
 	$(PY) -m ruff check hw_dq tests benchmarks notebooks scripts
 	$(PY) -m ruff format --check hw_dq tests benchmarks notebooks scripts
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site  # not --quiet: it hides the warnings --strict counts
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 fmt: setup
