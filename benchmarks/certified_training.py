@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-eps", type=float, default=2.2, help="IBP training radius in 1/255")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the IBP fine-tune")
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--no-control", action="store_true", help="skip the CE fine-tune control")
+    ap.add_argument("--tag", default="", help="suffix of the IBP run and of the results file")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "certified_training"))
     a = ap.parse_args(argv)
     out = Path(a.out) / f"{a.model}_x{a.width:g}"
@@ -105,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     timing = _baseline_seconds(out / "baseline_training_s.json", base_s)
     logs = {}
     # control: the same fine-tune at eps 0 (the IBP loss is then the plain cross-entropy), same epochs and optimizer
-    for name, eps in (("ce", 0.0), ("ibp", a.train_eps / 255)):
+    ibp = "ibp" + a.tag
+    names = (("ce", 0.0),) * (not a.no_control) + ((ibp, a.train_eps / 255),)
+    for name, eps in names:
         shutil.rmtree(out / name, ignore_errors=True)
         shutil.copytree(out / "qat", out / name, ignore=shutil.ignore_patterns("build", "export", "attacks"))
         logs[name] = ibp_finetune(out / name, a.ibp_epochs, eps, a.lr)
-    ibp_log = logs["ibp"]
+    ibp_log = logs[ibp]
     x, y = load_split("sample", "test").take(a.n, seed=0).tensors()
     rows, res_runs = [], {}
-    for name in ("qat", "ce", "ibp"):
+    for name in ("qat", *(n for n, _ in names)):
         run = out / name
         if not (run / "build" / "Pynq-Z1" / "dataflow_model.onnx").is_file():
             build_run(run, "Pynq-Z1", target_fps=1000)
@@ -134,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"# Certified training: {res['model']}\n\nMachine: {machine_line(res['machine'])}.\n\n{table}\n\n"
         f"{a.n} embedded-sample test images. QAT: {a.epochs} epochs from a {a.fp_epochs}-epoch float start "
-        f"({timing:.0f} s for both). Then, from QAT, {a.ibp_epochs} further epochs with Adam {a.lr:g}: CE (the "
-        f"control: `ibp_loss` at eps 0, i.e. plain cross-entropy, {logs['ce']['seconds']:.0f} s) and IBP "
+        f"({timing:.0f} s for both). Then, from QAT, {a.ibp_epochs} further epochs with Adam {a.lr:g}: "
+        + (
+            f"CE (the control: `ibp_loss` at eps 0, i.e. plain cross-entropy, {logs['ce']['seconds']:.0f} s) and "
+            if "ce" in logs
+            else ""
+        )
+        + "IBP "
         f"(`ibp_loss`, eps ramp to {a.train_eps:g}/255, kappa 1 -> 0.5, {ibp_log['seconds']:.0f} s). "
         f"Accelerator certificates: `hw_dq.fpga.certify` on the FINN build's integer "
         f"graph; float bounds: `hw_dq.nn.ibp.certified_fraction` on the Brevitas model.\n"
     )
     print(text)
-    write_results(f"certified_training_{a.model}_x{a.width:g}", res, text)
+    write_results(f"certified_training_{a.model}_x{a.width:g}{a.tag}", res, text)
     return 0
 
 
