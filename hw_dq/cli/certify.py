@@ -40,8 +40,10 @@ def register(sub: Any) -> None:
     c.add_argument("--board", help="which build (RUN_DIR/build/BOARD); needed if the run has several")
     c.add_argument("--eps", type=_levels, default=[1.0, 2.0, 4.0, 8.0], help="Linf radii in 1/255 (default 1,2,4,8)")
     c.add_argument("--n", type=int, help="test images (default all)")
-    c.add_argument("--seed", type=int, default=0, help="which test images")
-    c.add_argument("--name", default="certified-hw", help="results file stem under RUN_DIR/attacks/")
+    c.add_argument("--seed", type=int, default=0, help="which test images (default 0)")
+    c.add_argument(
+        "--name", default="certified-hw", help="results file stem under RUN_DIR/attacks/ (default certified-hw)"
+    )
     c.add_argument("--data", help="dataset (default: the run's)")
     c.add_argument("--data-dir", help="local copy of the dataset")
     c.add_argument("--quiet", action="store_true")
