@@ -242,3 +242,19 @@ def test_run_from_other_quantizer_scheme_is_refused(tmp_path):
     (tmp_path / "r" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="trained with quantizers"):
         rd.load_model(tmp_path / "r")
+
+
+def test_ibp_recipe_ramps_from_clean_to_the_interval_worst_case():
+    from hw_dq.data import load_split
+    from hw_dq.nn.models import create_model
+
+    recipe = TrainConfig(**SMALL, wbits=2, abits=2, adv_train="ibp", adv_eps=2).adv
+    model = create_model("tiny", 2, 2, act_range="fixed")
+    x, y = load_split("sample", "test").take(32).tensors()
+    gen = torch.Generator().manual_seed(0)
+    loss0, logits = adv.adversarial_loss(model, x, y, recipe, gen, step=0, total=100)
+    clean = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(loss0, clean)  # warm-up: eps 0, the clean loss alone
+    loss1, logits = adv.adversarial_loss(model, x, y, recipe, gen, step=100, total=100)
+    clean = torch.nn.functional.cross_entropy(logits, y)
+    assert loss1 > clean + 1e-3  # ramped: the interval worst case raises the loss above the clean one

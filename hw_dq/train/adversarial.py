@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from hw_dq.nn import ibp
 from hw_dq.nn.quant import LearnedRange
 from hw_dq.robust import engine
 
@@ -26,6 +27,8 @@ RECIPES: dict[str, str] = {
     "fgsm": "FGSM with random start, step 1.25 eps (Wong et al. 2020); prone to catastrophic overfitting",
     "nfgsm": "N-FGSM: noise 2 eps, step eps, no projection (de Jorge et al. 2022); resists catastrophic overfitting",
     "trades": "TRADES: CE(clean) + beta * KL(adv || clean), PGD-k on the KL (Zhang et al. 2019)",
+    "ibp": "certified training: kappa CE(clean) + (1 - kappa) CE(interval worst case), eps and kappa ramped "
+    "(Gowal et al. 2018; bounds through the quantizers, hw_dq.nn.ibp)",
 }
 
 
@@ -38,6 +41,7 @@ class AdvRecipe:
     steps: int = 7
     alpha: float | None = None
     trades_beta: float = 6.0
+    ibp_kappa: float = 0.5  # the clean-loss weight IBP's ramp ends at
 
     @property
     def active(self) -> bool:
@@ -101,12 +105,30 @@ def craft(net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: t
 
 
 def adversarial_loss(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: torch.Generator
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    r: AdvRecipe,
+    gen: torch.Generator,
+    step: int = 0,
+    total: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training loss, logits whose accuracy is reported) for one batch under recipe ``r``."""
+    """(training loss, logits whose accuracy is reported) for one batch under recipe ``r``.
+
+    ``step`` of ``total`` training steps drives IBP's eps and kappa ramps.
+    """
     if not r.active:
         logits = net(x)
         return F.cross_entropy(logits, y), logits
+    if r.kind == "ibp":
+        logits = net(x)  # the clean forward first: BatchNorm's running statistics see clean images only
+        eps = ibp.eps_schedule(step, total, r.eps / 255.0)
+        kappa = ibp.kappa_schedule(step, total, r.ibp_kappa)
+        loss = F.cross_entropy(logits, y)
+        if eps > 0:
+            worst = -ibp.ibp_margins(getattr(net, "module", net), x, y, eps)
+            loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, y)
+        return loss, logits
     x_adv = craft(net, x, y, r, gen)
     if r.kind == "trades":
         logits = net(x)

@@ -79,6 +79,7 @@ class TrainConfig:
     adv_steps: int = _f(7, "attack steps (pgd, trades)", "adversarial training")
     adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
     trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
+    ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")
     robust_eval_n: int = _f(512, "held-out training images for the per-epoch PGD-10 check of robust runs "
                             "(taken out of training; 0 = off)", "adversarial training", metavar="N")  # fmt: skip
     keep_best: bool = _f(True, "robust runs end with the weights of the epoch with the best held-out PGD accuracy",
@@ -118,6 +119,9 @@ class TrainConfig:
             (self.adv_steps >= 1, f"invalid --adv-steps {self.adv_steps}: must be >= 1"),
             (self.adv_alpha is None or self.adv_alpha > 0, f"invalid --adv-alpha {self.adv_alpha}: must be > 0"),
             (self.trades_beta >= 0, f"invalid --trades-beta {self.trades_beta}: must be >= 0"),
+            (0 <= self.ibp_kappa <= 1, f"invalid --ibp-kappa {self.ibp_kappa}: must lie in [0, 1]"),
+            (self.adv_train != "ibp" or self.model in ("cnv", "tiny"),
+             f"--adv-train ibp supports the chain models cnv and tiny, not {self.model!r}"),
             (self.robust_eval_n >= 0, f"invalid --robust-eval-n {self.robust_eval_n}: must be >= 0"),
             (self.act_range in ("learned", "fixed"), f"unknown act_range {self.act_range!r}; use learned or fixed"),
             (self.bn_gain_max is None or (math.isfinite(self.bn_gain_max) and self.bn_gain_max > 0),
@@ -147,7 +151,7 @@ class TrainConfig:
 
     @property
     def adv(self) -> AdvRecipe:
-        return AdvRecipe(self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta)
+        return AdvRecipe(self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa)
 
     def model_config(self, in_channels: int = 3, num_classes: int = 10) -> ModelConfig:
         """The model section; channels and classes come from the training data."""

@@ -302,7 +302,15 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             xb, yb = xb.to(device), yb.to(device)
-            ce, logits = adv.adversarial_loss(net, xb, yb, recipe, seeded_generator(cfg.seed, epoch, step, 31))
+            ce, logits = adv.adversarial_loss(
+                net,
+                xb,
+                yb,
+                recipe,
+                seeded_generator(cfg.seed, epoch, step, 31),
+                epoch * steps + step,
+                cfg.epochs * steps,
+            )
             reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
             loss = ce + reg
             if not torch.isfinite(loss.detach()):
