@@ -15,13 +15,24 @@ from tests.conftest import assert_one_line_error, run_cli
 MODEL = "tests.custom_model:SmallBrevitasNet"
 
 
-def test_custom_model_through_train_attack_export(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The user's network trained (1 epoch, DQ), attacked and exported through the CLI; the run directory."""
+    tmp_path = tmp_path_factory.mktemp("custom")
     cfg = tmp_path / "mine.json"
     cfg.write_text(json.dumps({"model": MODEL, "model_args": {"channels": 6, "bits": 2}, "beta": 1e-4}))
     run = tmp_path / "run"
     proc = run_cli("train", "--config", str(cfg), "--epochs", "1", "--train-subset", "512", "--test-subset", "64",
                    "--batch-size", "64", "--out", str(run), "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    for args in (("attack", str(run), "--attacks", "fgsm", "--n", "16", "--no-sanity"), ("export", str(run))):
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_custom_model_through_train_attack_export(exported: Path) -> None:
+    run = exported
     stored = json.loads((run / "config.json").read_text())
     assert stored["model"]["name"] == MODEL and stored["model"]["model_args"] == {"channels": 6, "bits": 2}
 
@@ -36,16 +47,25 @@ def test_custom_model_through_train_attack_export(tmp_path: Path) -> None:
     names = [row["name"] for row in json.loads((run / "lipschitz.json").read_text())["layers"]]
     assert {"features.0", "features.4", "classifier.0"} <= set(names), names
 
-    proc = run_cli("attack", str(run), "--attacks", "fgsm", "--n", "16")
-    assert proc.returncode == 0, proc.stderr
     rec = json.loads((run / "attacks" / "robustness.json").read_text())
     text = json.dumps(rec)
     assert MODEL in text and "fgsm" in text
 
-    proc = run_cli("export", str(run))
-    assert proc.returncode == 0, proc.stderr
     eq = json.loads((run / "export" / "equivalence.json").read_text())
     assert eq["ok"] and eq["max_abs_logit_diff"] <= eq["tolerance"] and eq["top1_agreement"] >= eq["min_agreement"]
+
+
+def test_own_qonnx_file_builds(exported: Path, tmp_path: Path) -> None:
+    """``build --onnx FILE``: a QONNX file on its own (here the user's network exported elsewhere) builds with FINN."""
+    onnx_file = tmp_path / "mine.onnx"
+    onnx_file.write_bytes((exported / "export" / "qonnx.onnx").read_bytes())
+    out = tmp_path / "b"
+    proc = run_cli("build", "--onnx", str(onnx_file), "--board", "Pynq-Z1", "--out", str(out), "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "dataflow_model.onnx").is_file() and rep["fps"] > 0 and rep["board"]["name"] == "Pynq-Z1"
+    assert_one_line_error(run_cli("build", "--onnx", str(tmp_path / "none.onnx"), "--board", "Pynq-Z1"), "--onnx")
+    assert_one_line_error(run_cli("build", str(exported), "--onnx", str(onnx_file), "--board", "Pynq-Z1"), "one of")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -21,10 +22,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
+    from hw_dq.errors import ConfigError
     from hw_dq.fpga.build import build_run
 
+    if (a.run_dir is None) == (a.onnx is None):
+        raise ConfigError("give a run directory or --onnx FILE (one of the two)")
+    if a.onnx is not None and not (a.onnx.endswith(".onnx") and Path(a.onnx).is_file()):
+        raise ConfigError(f"--onnx {a.onnx}: not an existing .onnx file (a QONNX model, e.g. exported by Brevitas)")
     r = build_run(
-        a.run_dir, a.board, target_fps=a.target_fps, fit=a.fit, clock_mhz=a.clock_mhz, out=a.out,
+        a.run_dir or a.onnx, a.board, target_fps=a.target_fps, fit=a.fit, clock_mhz=a.clock_mhz, out=a.out,
         boards_dir=a.boards_dir, progress=not a.quiet, folding_config=a.folding_config,
     )  # fmt: skip
     util = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["utilisation"].items())
@@ -58,7 +64,9 @@ def register(sub: Any) -> None:
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="FINN dataflow build for a board: folding, estimates, bitstream-ready folder")
-    b.add_argument("run_dir", help="run directory (exported if needed) or a QONNX .onnx file")
+    b.add_argument("run_dir", nargs="?", help="run directory (exported if needed) or a QONNX .onnx file")
+    b.add_argument("--onnx", metavar="FILE", help="your own QONNX model (e.g. exported by Brevitas) instead of a run; "
+                   "default --out: FILE's folder/build_<stem>_<board>")  # fmt: skip
     b.add_argument("--board", required=True, help="board name (see 'hw-dq boards')")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--target-fps", type=float, help="fold for this throughput (FINN SetFolding)")
