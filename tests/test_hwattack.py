@@ -10,7 +10,8 @@ import pytest
 
 from hw_dq.data import load_split
 from hw_dq.fpga.build import build_run
-from hw_dq.fpga.hwattack import HW_ATTACKS, craft, evaluate_hw, find_build, load_simulator
+from hw_dq.fpga.hwattack import craft, evaluate_hw, find_build, load_simulator
+from hw_dq.robust.registry import HW_ATTACKS
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
 from tests.conftest import assert_one_line_error, run_cli
@@ -48,9 +49,16 @@ def test_evaluate_hw_writes_schema_results(tiny_build):
     assert saved["target"] == "hw" and saved["schema"] == "hw-dq/robustness/v1"
     assert {e["attack"] for e in saved["evaluations"]} == {"transfer-pgd", "square"}
     for e in res["evaluations"]:
-        assert 0.0 <= e["robust_acc"] <= res["clean_acc"] + 1e-9 or e["attack"] == "square"
+        # robust = right on the clean image and on the adversarial one, so never above clean accuracy
+        assert e["robust_acc"] <= res["clean_acc"] + 1e-9, e
         assert e["max_perturbation"] <= EPS + 1e-4
-    assert 0.0 <= saved["agreement"]["disagreement_clean"] <= 1.0
+        assert e["robust_mask"].count("1") == round(e["robust_acc"] * 16)
+    # the accelerator's headline: the per-image worst case, at most every attack's own number
+    worst = saved["worst_case"][0]
+    assert worst["attacks"] == ["transfer-pgd", "square"]
+    assert saved["headline"]["robust_acc"] == worst["robust_acc"] <= min(e["robust_acc"] for e in saved["evaluations"])
+    both = [a == b == "1" for a, b in zip(*(e["robust_mask"] for e in saved["evaluations"]), strict=True)]
+    assert worst["robust_acc"] == pytest.approx(sum(both) / 16)
 
 
 def test_cli_hw_attack_and_errors(tiny_build, tmp_path):
@@ -69,5 +77,12 @@ def test_cli_hw_attack_and_errors(tiny_build, tmp_path):
     (broken / "build" / "Pynq-Z1" / "dataflow_model.onnx").unlink()
     assert_one_line_error(run_cli("attack", str(broken), "--on", "hw", "--n", "4"), "no FINN build")
     assert_one_line_error(
-        run_cli("attack", str(tiny_build), "--on", "hw", "--attacks", "fgsm", "--n", "4"), "unknown hardware attack"
+        run_cli("attack", str(tiny_build), "--on", "hw", "--attacks", "fgsm", "--n", "4"), "on the accelerator"
+    )
+    # every flag is honoured or refused in one line
+    assert_one_line_error(run_cli("attack", str(tiny_build), "--on", "hw", "--defense", "bits:4"), "--defense")
+    # the default name never overwrites: a second run gets robustness-hw-2; an explicit taken name needs --force
+    assert (tiny_build / "attacks" / "robustness-hw.json").is_file()
+    assert_one_line_error(
+        run_cli("attack", str(tiny_build), "--on", "hw", "--name", "robustness-hw", "--n", "4"), "--force"
     )
