@@ -3,14 +3,14 @@
 import logging
 import warnings
 
+from hw_dq.version import __version__ as __version__
+
 # torch warns on every import on machines with a CUDA toolkit but no GPU (brevitas imports
 # torch.utils.cpp_extension); it is noise for a CPU run and would break one-line errors.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # brevitas' export imports an optional CUDA kernel package and warns on every CPU machine
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
-
-__version__ = "0.1.0"
 
 # The Python API (hw_dq.api), imported on first use so that 'import hw_dq' stays cheap. Its ``train``
 # is not re-exported here: ``hw_dq.train`` is the training subpackage, and a name that is a function

@@ -5,7 +5,8 @@ import that goes up the stage order. ``--tree DIR`` reads another copy of the pa
 old commit unpacked with ``git archive COMMIT hw_dq | tar -x -C DIR``); ``--json`` prints JSON.
 
 Stage order (imports only go downward): errors, data (and the board catalogue, which is data)
--> nn -> run -> train -> robust -> fpga -> experiments -> cli. A flat pre-subpackage layout has
+-> nn -> run -> robust -> train -> fpga -> experiments -> cli (robust before train: adversarial
+training crafts its examples with the attack engine). A flat pre-subpackage layout has
 no stages, so only its counts and cycles are reported.
 """
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("errors", "data", "nn", "run", "train", "robust", "fpga", "experiments", "cli")
+STAGES = ("errors", "data", "nn", "run", "robust", "train", "fpga", "experiments", "cli")
 # modules whose stage is not their folder's, with the reason
 STAGE_OF = {
     "hw_dq.data": "errors",  # errors and data form the lowest stage together

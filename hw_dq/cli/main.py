@@ -104,7 +104,7 @@ def cmd_configs(_a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hw_dq import __version__
+    from hw_dq.version import __version__
 
     p = _Parser(prog="hw-dq", description="Defensive Quantization for FPGAs: train, attack, export, build.")
     p.add_argument("--version", action="version", version=f"hw-dq {__version__}")

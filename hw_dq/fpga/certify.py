@@ -432,11 +432,11 @@ def certify_run(
     Schema ``hw-dq/robustness/v1`` with ``target = "hw-certified"``: one evaluation per eps
     (``attack = "interval-certificate"``: a lower bound on every attack's robust accuracy), and a
     ``certified`` block with the bound-propagation time and per-layer interval width growth."""
-    import hw_dq
     from hw_dq import run as rd
     from hw_dq.data import load_split
     from hw_dq.fpga.hwattack import find_build, load_simulator, uint8_grid
     from hw_dq.robust import results as res
+    from hw_dq.version import __version__
 
     eps = _check_eps(eps)
     if n is not None and n <= 0:
@@ -484,7 +484,7 @@ def certify_run(
                 if exact0 else "at eps 0 the certificate and the accelerator disagree")  # fmt: skip
     check = {"name": "eps 0 equals the accelerator", "status": "pass" if exact0 else "warn", "evidence": evidence}
     result = {
-        "schema": res.SCHEMA, "name": name, "created": res.now(), "hw_dq_version": hw_dq.__version__,
+        "schema": res.SCHEMA, "name": name, "created": res.now(), "hw_dq_version": __version__,
         "run_dir": str(run), "model": mc.get("name", "?"), "width": mc.get("width"), "mode": cfg.get("mode", "FP"),
         "wbits": mc.get("wbits"), "abits": mc.get("abits"), "beta": float(tr.get("beta", 0.0)),
         "lipschitz_target": tr.get("lipschitz_target", "weight"), "adv_train": adv,

@@ -45,13 +45,13 @@ def _check_args(mode: str, rates: Sequence[float], flips: int, trials: int, n: i
 
 
 def _header(run: Path, cfg: dict[str, Any], name: str, dataset: str, n: int, seed: int, clean: float) -> dict:
-    import hw_dq
     from hw_dq.robust.results import now
+    from hw_dq.version import __version__
 
     tr, mc = cfg.get("train", {}), cfg.get("model", {})
     adv = tr.get("adv_train", "none")
     return {
-        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": hw_dq.__version__, "run_dir": str(run),
+        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": __version__, "run_dir": str(run),
         "model": mc.get("name", "?"), "width": mc.get("width"), "mode": cfg.get("mode", "FP"),
         "wbits": mc.get("wbits"), "abits": mc.get("abits"), "beta": float(tr.get("beta", 0.0)),
         "lipschitz_target": tr.get("lipschitz_target", "weight"), "adv_train": adv,

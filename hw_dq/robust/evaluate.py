@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_dq.errors import ConfigError
-from hw_dq.robust.results import HEADLINE_EPS, SCHEMA, describe, now, validate
+from hw_dq.robust.results import HEADLINE_EPS, SCHEMA, describe, now, validate, worst_case, worst_cases
 
 WORST_EPS = (2.0, 8.0)  # eps at which the worst case is always reported when evaluated
 
@@ -36,34 +36,6 @@ def evaluation(attack: str, kind: str, norm: str, eps: float, robust_acc: float,
     return ev
 
 
-def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> dict[str, Any] | None:
-    """Per-image worst case over the evaluations at (``eps``, ``norm``) that kept per-image flags.
-
-    Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"}`` or None
-    when no evaluation at that eps has flags.
-    """
-    at = [
-        e
-        for e in evaluations
-        if e.get("norm", "Linf") == norm and abs(float(e["eps"]) - eps) < 1e-9 and e.get("robust_mask")
-    ]
-    if not at:
-        return None
-    n = len(at[0]["robust_mask"])
-    at = [e for e in at if len(e["robust_mask"]) == n]
-    alive = [all(e["robust_mask"][i] == "1" for e in at) for i in range(n)]
-    return {
-        "eps": float(eps), "norm": norm, "robust_acc": sum(alive) / max(1, n), "n_examples": n,
-        "attacks": [e["attack"] for e in at], "per_attack": {e["attack"]: e["robust_acc"] for e in at},
-    }  # fmt: skip
-
-
-def worst_cases(evaluations: Sequence[dict]) -> list[dict[str, Any]]:
-    """:func:`worst_case` at every (eps, norm) evaluated, in eps order."""
-    keys = sorted({(float(e["eps"]), e.get("norm", "Linf")) for e in evaluations}, key=lambda k: (k[1], k[0]))
-    return [w for e, nm in keys if (w := worst_case(evaluations, e, nm)) is not None]
-
-
 def headline(evaluations: Sequence[dict], eps: float = HEADLINE_EPS) -> dict[str, Any]:
     """The reported number at ``eps``: the per-image worst case when flags exist, else the lowest attack."""
     w = worst_case(evaluations, eps)
@@ -78,12 +50,12 @@ def record(*, name: str, run_dir: Path, cfg: dict, dataset: str, n: int, seed: i
            evaluations: list[dict], sanity: dict, defense: str | None = None, target: str = "sw",
            extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """The validated results-file object (schema :data:`hw_dq.robust.results.SCHEMA`)."""
-    import hw_dq
+    from hw_dq.version import __version__
 
     tr, mc = cfg.get("train", {}), cfg.get("model", {})
     adv = tr.get("adv_train", "none")
     result = {
-        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": hw_dq.__version__,
+        "schema": SCHEMA, "name": name, "created": now(), "hw_dq_version": __version__,
         "run_dir": str(run_dir), "model": mc.get("name", "?"), "width": mc.get("width"),
         "mode": cfg.get("mode", "FP"), "wbits": mc.get("wbits"), "abits": mc.get("abits"),
         "beta": float(tr.get("beta", 0.0)), "lipschitz_target": tr.get("lipschitz_target", "weight"),

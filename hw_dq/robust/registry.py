@@ -173,14 +173,14 @@ def _autoattack_factory(norm: str, version: str | None = None, components: list[
 
 
 def _cw(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float) -> Crafted:
-    from hw_dq.robust.attacks import art_classifier, make_attack
+    from hw_dq.robust.art import art_classifier, make_attack
 
     atk, par = make_attack("cw-l2", art_classifier(ctx.model, tuple(x.shape[1:])), eps, ctx.batch_size, ctx.params)
     return Crafted(torch.from_numpy(atk.generate(x.numpy()).astype("float32")), par)
 
 
 def _art_composite(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float) -> Crafted:
-    from hw_dq.robust.attacks import art_apgd_square, art_classifier
+    from hw_dq.robust.art import art_apgd_square, art_classifier
 
     clf = art_classifier(ctx.model, tuple(x.shape[1:]))
     adv, par, breakdown = art_apgd_square(clf, x.numpy(), y.numpy(), eps, ctx.batch_size, ctx.params)

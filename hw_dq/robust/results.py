@@ -235,8 +235,29 @@ def describe(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_run(run_dir: str | Path, attacks: Sequence[str], eps: Sequence[float], **kw: Any) -> dict[str, Any]:
-    """Attack a run directory's model (see :func:`hw_dq.robust.evaluate.evaluate_run`, where it lives)."""
-    from hw_dq.robust.evaluate import evaluate_run as _evaluate_run
+def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> dict[str, Any] | None:
+    """Per-image worst case over the evaluations at (``eps``, ``norm``) that kept per-image flags.
 
-    return _evaluate_run(run_dir, attacks, eps, **kw)
+    Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"}`` or None
+    when no evaluation at that eps has flags.
+    """
+    at = [
+        e
+        for e in evaluations
+        if e.get("norm", "Linf") == norm and abs(float(e["eps"]) - eps) < 1e-9 and e.get("robust_mask")
+    ]
+    if not at:
+        return None
+    n = len(at[0]["robust_mask"])
+    at = [e for e in at if len(e["robust_mask"]) == n]
+    alive = [all(e["robust_mask"][i] == "1" for e in at) for i in range(n)]
+    return {
+        "eps": float(eps), "norm": norm, "robust_acc": sum(alive) / max(1, n), "n_examples": n,
+        "attacks": [e["attack"] for e in at], "per_attack": {e["attack"]: e["robust_acc"] for e in at},
+    }  # fmt: skip
+
+
+def worst_cases(evaluations: Sequence[dict]) -> list[dict[str, Any]]:
+    """:func:`worst_case` at every (eps, norm) evaluated, in eps order."""
+    keys = sorted({(float(e["eps"]), e.get("norm", "Linf")) for e in evaluations}, key=lambda k: (k[1], k[0]))
+    return [w for e, nm in keys if (w := worst_case(evaluations, e, nm)) is not None]

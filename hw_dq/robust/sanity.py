@@ -162,8 +162,8 @@ def run_checks(
 
 def masking_checks(evaluations: Sequence[dict], cfg: SanityConfig | None = None) -> list[dict[str, Any]]:
     """The checks computed from a result's evaluations alone (per-image flags, library warnings)."""
-    from hw_dq.robust.evaluate import worst_case
     from hw_dq.robust.registry import ATTACKS
+    from hw_dq.robust.results import worst_case
 
     def kind(v: dict) -> str:  # evaluations built by hand may leave the kind out
         return v.get("kind") or (ATTACKS[v["attack"]].kind if v["attack"] in ATTACKS else "?")

@@ -170,11 +170,11 @@ def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
 
 def run_config(cfg: TrainConfig, in_channels: int = 3, num_classes: int = 10) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
-    import hw_dq
+    from hw_dq.version import __version__
 
     mcfg = cfg.model_config(in_channels, num_classes)
     return {
-        "hw_dq_version": hw_dq.__version__,
+        "hw_dq_version": __version__,
         "quant_scheme": mcfg.quant_scheme,
         "mode": cfg.mode,
         "model": mcfg.to_dict(),

@@ -78,7 +78,7 @@ def reproduce(
             print(f"[reproduce] {msg}", flush=True)
 
     from hw_dq.robust.attacks import AttackParams
-    from hw_dq.robust.results import evaluate_run
+    from hw_dq.robust.evaluate import evaluate_run
     from hw_dq.robust.sanity import SanityConfig
     from hw_dq.train.loop import train
 
