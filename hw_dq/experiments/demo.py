@@ -19,6 +19,7 @@ from typing import Any
 from hw_dq import run as rd
 from hw_dq.errors import ConfigError
 from hw_dq.robust.attacks import clean_accuracy, robust_accuracy
+from hw_dq.robust.evaluate import evaluation  # the one evaluation-record builder (as attack writes it)
 from hw_dq.robust.sanity import SanityConfig, run_checks
 from hw_dq.run import Run
 from hw_dq.train.config import load_config
@@ -106,8 +107,10 @@ def run_demo(
             for eps in DEMO_EPS:
                 r = robust_accuracy(model, x, y, attack, eps, seed=seed)
                 row[f"{attack}@{eps:g}"] = r.robust_acc
-                evals.append({"attack": attack, "norm": r.norm, "eps": eps, "robust_acc": r.robust_acc,
-                              "n_examples": r.n_examples})  # fmt: skip
+                evals.append(evaluation(
+                    attack, r.kind, r.norm, eps, r.robust_acc, r.n_examples, seed, r.wall_s, r.max_perturbation,
+                    r.params, r.breakdown, r.robust_mask, r.warnings,
+                ))  # fmt: skip
         san = run_checks(model, x, y, evals, row["clean_acc"], cfg=DEMO_SANITY, seed=seed)
         row["sanity"] = san["verdict"]
         row["sanity_checks"] = [{k: c[k] for k in ("name", "status", "evidence")} for c in san["checks"]]
