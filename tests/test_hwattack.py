@@ -86,3 +86,17 @@ def test_cli_hw_attack_and_errors(tiny_build, tmp_path):
     assert_one_line_error(
         run_cli("attack", str(tiny_build), "--on", "hw", "--name", "robustness-hw", "--n", "4"), "--force"
     )
+
+
+def test_find_build_matches_board_names_case_insensitively(tmp_path):
+    from hw_dq.errors import HwDqError
+    from hw_dq.fpga.hwattack import find_build
+    from hw_dq.run import DATAFLOW_MODEL
+
+    build = tmp_path / "run" / "build" / "ZCU104"
+    build.mkdir(parents=True)
+    (build / DATAFLOW_MODEL).write_bytes(b"")
+    assert find_build(tmp_path / "run", "zcu104") == build
+    assert find_build(tmp_path / "run", "ZCU104") == build
+    with pytest.raises(HwDqError, match="no FINN build .* for board pynq-z1 .builds: ZCU104"):
+        find_build(tmp_path / "run", "pynq-z1")

@@ -45,17 +45,9 @@ def find_build(path: str | Path, board: str | None = None) -> Path:
     p = Path(path)
     if (p / PARENT).is_file() or (p / DATAFLOW).is_file():
         return p
-    builds = sorted(d for d in (p / "build").glob("*") if (d / DATAFLOW).is_file()) if (p / "build").is_dir() else []
-    if board is not None:
-        builds = [d for d in builds if d.name == board]
-    if not builds:
-        raise HwDqError(
-            f"no FINN build in {p}" + (f" for board {board}" if board else "")
-            + f"; run 'hw-dq build {p} --board NAME' first"
-        )  # fmt: skip
-    if len(builds) > 1:
-        raise HwDqError(f"{p} has builds for {', '.join(d.name for d in builds)}; choose one with --board")
-    return builds[0]
+    from hw_dq.run import Run
+
+    return Run(p).find_build(board)  # canonical board names, matched case-insensitively
 
 
 def _reference_partition(build: Path, parent) -> str | None:
