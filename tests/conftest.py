@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,23 @@ def train_tiny(out: Path, wbits: int | str = 2, abits: int | str = 2, n: int = 2
     cfg = TrainConfig(model="tiny", wbits=wbits, abits=abits, epochs=1, batch_size=64, train_subset=n, test_subset=32)
     train(cfg, out, progress=False)
     return out
+
+
+def tiny_run(root: Path) -> Path:
+    """A small full-precision CNN trained for 3 epochs on the embedded CIFAR-10 sample (~48%)."""
+    from hw_dq.train.loop import TrainConfig, train
+
+    run = root / "tiny_fp"
+    cfg = TrainConfig(model="tiny", wbits=None, abits=None, epochs=3, batch_size=32, lr=0.02, weight_decay=0.0)
+    train(cfg, run, resume=True, progress=False)
+    return run
+
+
+def test_data(n: int, seed: int = 0) -> tuple[Any, Any]:
+    """``n`` images and labels of the embedded sample's test split (float NCHW in [0, 1], int64)."""
+    from hw_dq.data import load_split
+
+    return load_split("sample", "test").take(n, seed).tensors()
+
+
+test_data.__test__ = False  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hw_dq.robust.analyse import amplification, analyse_runs, taps
-from tests.test_attack import tiny_run
+from tests.conftest import tiny_run
 
 
 def test_amplification_equals_hand_computation_on_two_layers():

@@ -11,27 +11,10 @@ import pytest
 import torch
 
 from hw_dq import run as rd
-from hw_dq.data import load_split
 from hw_dq.robust.attacks import AttackParams, clean_accuracy, generate, robust_accuracy
-from hw_dq.train.loop import TrainConfig, train
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, test_data, tiny_run
 
 SMALL = AttackParams(apgd_iters=10, apgd_targets=2, square_queries=50, cw_iters=5, cw_search_steps=2)
-
-
-def tiny_run(root: Path) -> Path:
-    """A small full-precision CNN trained for 3 epochs on the embedded CIFAR-10 sample (~48%)."""
-    run = root / "tiny_fp"
-    cfg = TrainConfig(model="tiny", wbits=None, abits=None, epochs=3, batch_size=32, lr=0.02, weight_decay=0.0)
-    train(cfg, run, resume=True, progress=False)
-    return run
-
-
-def test_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return load_split("sample", "test").take(n, seed).tensors()
-
-
-test_data.__test__ = False  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")

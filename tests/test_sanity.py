@@ -9,7 +9,7 @@ from torch import nn
 from hw_dq import run as rd
 from hw_dq.robust.attacks import AttackParams, clean_accuracy, robust_accuracy
 from hw_dq.robust.sanity import SanityConfig, run_checks
-from tests.test_attack import test_data, tiny_run
+from tests.conftest import test_data, tiny_run
 
 PARAMS = AttackParams(square_queries=300)
 CFG = SanityConfig(n_probe=64, square_queries=300, strong_steps_factor=3, strong_restarts=2)

@@ -12,7 +12,7 @@ from hw_dq.errors import ConfigError
 from hw_dq.nn.models import create_model
 from hw_dq.robust.attacks import robust_accuracy
 from hw_dq.robust.squeeze import MedianSmoothing, Squeezed, apply_defense, bit_depth_reference
-from tests.test_attack import test_data, tiny_run
+from tests.conftest import test_data, tiny_run
 
 
 @pytest.mark.parametrize("bits", [1, 3, 5])
