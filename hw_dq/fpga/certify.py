@@ -433,7 +433,6 @@ def certify_run(
     (``attack = "interval-certificate"``: a lower bound on every attack's robust accuracy), and a
     ``certified`` block with the bound-propagation time and per-layer interval width growth."""
     from hw_dq import run as rd
-    from hw_dq.data import load_split
     from hw_dq.fpga.hwattack import find_build, load_simulator, uint8_grid
     from hw_dq.robust import results as res
     from hw_dq.version import __version__
@@ -450,7 +449,7 @@ def certify_run(
     sim = load_simulator(build)  # checked bit-exact against FINN's execution
     cert = IntervalCertifier(sim)
     tr, mc = cfg.get("train", {}), cfg.get("model", {})
-    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
+    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = (t.numpy() for t in ds.tensors())
     xu = uint8_grid(x)
     t0 = time.perf_counter()

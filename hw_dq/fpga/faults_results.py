@@ -97,7 +97,7 @@ def evaluate_faults(
     fb = FaultyBuild(build)
     mems = fb.select(kinds_for(target), layers) if mode == "random" else fb.select(("weights",), layers)
     tr = cfg.get("train", {})
-    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
+    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = (t.numpy() for t in ds.tensors())
     xu = uint8_grid(x)
     from hw_dq.fpga.faults import predict

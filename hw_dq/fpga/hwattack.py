@@ -417,7 +417,6 @@ def evaluate_hw(
     those of the same attacks on the PyTorch model).
     """
     from hw_dq import run as rd
-    from hw_dq.data import load_split
     from hw_dq.errors import ConfigError
     from hw_dq.robust.attacks import AttackParams
     from hw_dq.robust.evaluate import evaluation, record, write
@@ -438,8 +437,7 @@ def evaluate_hw(
     model, cfg = rd.load_model(run, device=rd.resolve_device(device))
     build = find_build(run, board)
     sim = load_simulator(build)
-    tr = cfg.get("train", {})
-    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
+    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = (t.numpy() for t in ds.tensors())
     agree = agreement(model.cpu(), sim, x, y)
     model = model.to(rd.resolve_device(device))

@@ -138,7 +138,6 @@ def evaluate_run(
     refuses to overwrite an existing result of that name.
     """
     from hw_dq import run as rd
-    from hw_dq.data import load_split
     from hw_dq.robust import autoattack as aa
     from hw_dq.robust.attacks import AttackParams, clean_accuracy, robust_accuracy
     from hw_dq.robust.registry import check
@@ -165,8 +164,7 @@ def evaluate_run(
         from hw_dq.robust.squeeze import apply_defense
 
         model = apply_defense(model, defense).to(dev)
-    tr = cfg.get("train", {})
-    ds = load_split(data or tr.get("data", "sample"), "test", data_dir or tr.get("data_dir")).take(n, seed)
+    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = ds.tensors()
     params = params or AttackParams()
     clean = clean_accuracy(model, x, y, batch_size)
