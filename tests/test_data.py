@@ -35,8 +35,8 @@ def test_npz_dir_single_and_parts(tmp_path):
     np.savez_compressed(tmp_path / "mine_train_part1.npz", x=src.x[:10], y=src.y[:10])
     np.savez_compressed(tmp_path / "mine_train_part2.npz", x=src.x[10:25], y=src.y[10:25])
     np.savez_compressed(tmp_path / "test.npz", x=src.x[:7], y=src.y[:7])
-    tr = data.data.load_split("npz", "train", tmp_path)
-    te = data.data.load_split("npz", "test", tmp_path)
+    tr = data.load_split("npz", "train", tmp_path)
+    te = data.load_split("npz", "test", tmp_path)
     assert len(tr) == 25 and np.array_equal(tr.x, src.x[:25])
     assert len(te) == 7
     del rng
@@ -80,10 +80,10 @@ def test_missing_or_corrupt_data_names_path(tmp_path, name, files, needle):
 def test_npz_wrong_layout(tmp_path):
     np.savez(tmp_path / "train.npz", x=np.zeros((4, 3, 32, 32), np.float32), y=np.zeros(4, np.int64))
     with pytest.raises(DataError, match="uint8 N x H x W x C"):
-        data.data.load_split("npz", "train", tmp_path)
+        data.load_split("npz", "train", tmp_path)
     np.savez(tmp_path / "train.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(DataError, match="missing array"):
-        data.data.load_split("npz", "train", tmp_path)
+        data.load_split("npz", "train", tmp_path)
 
 
 def test_unknown_dataset_lists_choices():
