@@ -61,6 +61,13 @@ def plan_sample() -> list[Step]:
         Step("eval", "sm-vq-w4a4-at"),
         Step("train", "sm-vq-w2a1-at", {**ft, "wbits": 2, "abits": 1}),
         Step("eval", "sm-vq-w2a1-at"),
+        Step("eval", "sm-fp-at", eps=2.0),
+        Step("eval", "sm-vq-w2a2-at", eps=2.0),
+        Step("eval", "sm-dq-w2a2-at", eps=2.0),
+        Step("eval", "sm-vq-w4a4-at", eps=2.0),
+        Step("train", "sm-dq-w4a4-at", {**ft, "wbits": 4, "abits": 4, **DQ}),
+        Step("eval", "sm-dq-w4a4-at"),
+        Step("eval", "sm-dq-w4a4-at", eps=2.0),
     ]
 
 
