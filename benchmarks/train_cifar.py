@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.common import REPO, machine, machine_line, md_table, write_results
 
 BREVITAS_CNV_2W2A = 89.03
-DATA_DIR = "/work/shared/data"
+DATA_DIR = str(REPO.parent / "shared" / "data")  # the data folder next to the repository
 RUNS = REPO / "runs" / "bench"
 RECIPE_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "seed")
 
