@@ -434,6 +434,7 @@ def certify_run(
     ``certified`` block with the bound-propagation time and per-layer interval width growth."""
     from hw_dq import run as rd
     from hw_dq.fpga.hwattack import find_build, load_simulator, uint8_grid
+    from hw_dq.provenance import provenance
     from hw_dq.robust import results as res
     from hw_dq.version import __version__
 
@@ -491,7 +492,7 @@ def certify_run(
         "split": "test", "n_examples": len(ds), "seed": seed, "threat_model": "Linf", "eps_units": "1/255",
         "clean_acc": float(clean.mean()) if len(y) else 0.0, "evaluations": evals, "headline": res.headline(evals),
         "sanity": {"verdict": "pass" if exact0 else "warn", "checks": [check]},
-        "target": "hw-certified", "build_dir": str(build), "certified": blocks,
+        "target": "hw-certified", "build_dir": str(build), "certified": blocks, "provenance": provenance(None, seed),
         "timing": {"simulator_clean_s": round(sim_s, 4), "bound_s_total": round(sum(b["bound_s"] for b in blocks), 4)},
     }  # fmt: skip
     res.validate(json.loads(json.dumps(result)), name)

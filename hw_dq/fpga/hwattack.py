@@ -463,7 +463,7 @@ def evaluate_hw(
     }  # fmt: skip
     result = record(
         name=name, run_dir=run, cfg=cfg, dataset=ds.name, n=len(ds), seed=seed, clean_acc=agree["clean_acc_hw"],
-        evaluations=evals, sanity=san, target="hw", extra=extra,
+        evaluations=evals, sanity=san, target="hw", extra=extra, device=rd.resolve_device(device),
     )  # fmt: skip
     write(run, result)
     return result

@@ -20,6 +20,7 @@ from typing import Any
 from hw_dq import run as rd
 from hw_dq.errors import BuildError
 from hw_dq.fpga.boards import Board
+from hw_dq.provenance import provenance
 
 ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")  # FINN's analytical estimate has no FF figure
 # FINN steps that continue the folded model to a bitfile, driver and deployment package
@@ -86,7 +87,7 @@ def finish_build(b: BuildOutcome) -> dict[str, Any]:
         "mvau_wwidth_max": chosen.get("mvau_wwidth_max"), "memory_placement": chosen.get("placement", []),
         "swg_ram_style": chosen.get("swg_ram_style") or "default", "tools": b.tools.to_dict(),
         "tools_line": b.tools.line(), "bitstream_command": command, "build_dir": str(out), "step_seconds": b.timings,
-        "wall_seconds": round(time.time() - b.started, 1),
+        "wall_seconds": round(time.time() - b.started, 1), "provenance": provenance(None),
     }  # fmt: skip
     if b.tools.has_vivado:
         report["bitstream"] = _run_bitstream(out, cont)

@@ -48,8 +48,9 @@ def headline(evaluations: Sequence[dict], eps: float = HEADLINE_EPS) -> dict[str
 
 def record(*, name: str, run_dir: Path, cfg: dict, dataset: str, n: int, seed: int, clean_acc: float,
            evaluations: list[dict], sanity: dict, defense: str | None = None, target: str = "sw",
-           extra: dict | None = None) -> dict[str, Any]:  # fmt: skip
+           extra: dict | None = None, device: str | None = "cpu") -> dict[str, Any]:  # fmt: skip
     """The validated results-file object (schema :data:`hw_dq.robust.results.SCHEMA`)."""
+    from hw_dq.provenance import provenance
     from hw_dq.version import __version__
 
     tr, mc = cfg.get("train", {}), cfg.get("model", {})
@@ -64,6 +65,7 @@ def record(*, name: str, run_dir: Path, cfg: dict, dataset: str, n: int, seed: i
         "threat_model": "Linf", "eps_units": "1/255", "clean_acc": float(clean_acc), "evaluations": evaluations,
         "headline": headline(evaluations), "worst_case": worst_cases(evaluations), "sanity": sanity,
         **({"target": "hw"} if target == "hw" else {}), **(extra or {}),
+        "provenance": provenance(device, seed),
     }  # fmt: skip
     return validate(json.loads(json.dumps(result)), name)
 
@@ -188,7 +190,7 @@ def evaluate_run(
         else {"verdict": "incomplete", "checks": [{"name": "all", "status": "skip", "evidence": "--no-sanity"}]}
     )
     result = record(name=name, run_dir=run, cfg=cfg, dataset=ds.name, n=len(ds), seed=seed, clean_acc=clean,
-                    evaluations=evals, sanity=san, defense=defense)  # fmt: skip
+                    evaluations=evals, sanity=san, defense=defense, device=dev)  # fmt: skip
     write(run, result)
     state = run / "attacks" / ".state"
     if state.is_dir() and not any(state.iterdir()):

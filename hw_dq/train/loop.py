@@ -170,6 +170,7 @@ def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
 
 def run_config(cfg: TrainConfig, in_channels: int = 3, num_classes: int = 10) -> dict[str, Any]:
     """The config.json content: the model section (for every later stage) and the recipe."""
+    from hw_dq.provenance import provenance
     from hw_dq.version import __version__
 
     mcfg = cfg.model_config(in_channels, num_classes)
@@ -179,6 +180,7 @@ def run_config(cfg: TrainConfig, in_channels: int = 3, num_classes: int = 10) ->
         "mode": cfg.mode,
         "model": mcfg.to_dict(),
         "train": asdict(cfg),
+        "provenance": provenance(cfg.device if cfg.device != "auto" else rd.resolve_device("auto"), cfg.seed),
     }
 
 
