@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,15 @@ def run_config(cfg: TrainConfig, in_channels: int = 3, num_classes: int = 10) ->
     }
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train into run directory ``out``; returns the final metrics row."""
-    return fit(cfg, out, resume, progress)[1]
+    return fit(cfg, out, resume, progress, on_epoch)[1]
 
 
 @dataclass
@@ -230,9 +237,17 @@ def _robust_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, dev
 
 
 def fit(
-    cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Like :func:`train`, and also returns the trained model (this process's copy)."""
+    """Like :func:`train`, and also returns the trained model (this process's copy).
+
+    ``on_epoch(row)`` is called with each epoch's metrics row once it and the checkpoint are
+    written; an exception it raises stops training there (the run stays resumable).
+    """
     from tqdm.auto import tqdm
 
     run = Path(out)
@@ -386,6 +401,8 @@ def fit(
                         f"(best {max(history):.3f}): catastrophic overfitting; the best epoch's weights are kept",
                         flush=True,
                     )
+            if on_epoch is not None:
+                on_epoch(row)
     if dist_.main:
         if data.holdout is not None and cfg.keep_best and (run / BEST).is_file():
             tensors, _ = rd.load_tensors(run / BEST)
