@@ -16,15 +16,24 @@ Layout (each stage adds its own files; none rewrites another's)::
 below it are its building blocks.
 
 Weights are safetensors (no pickle); every file is written atomically (temp file in the
-same directory, fsync, rename), so a killed process never leaves a half-written file.
+same directory, fsync, rename), so a killed process never leaves a half-written file. A stage
+that writes into a run directory holds :func:`run_lock` (``RUN_DIR/.lock``: PID, host, start
+time; a kernel lock, so a killed holder never blocks the next run), and :func:`guard` turns a
+full disk or a read-only folder into a one-line error. Loaded tensors must be finite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import signal
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +58,24 @@ DATAFLOW_MODEL = "dataflow_model.onnx"  # what a finished build leaves for the s
 REPO_ROOT = Path(__file__).resolve().parents[1]  # a checkout's root (committed results are relative to it)
 
 
+LOCK_FILE = ".lock"
+KILL_ENV = "HW_DQ_TEST_KILL_AT"  # tests only: "<file name>[:<n>]" SIGKILLs before the n-th rename onto it
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Tests' deterministic kill: SIGKILL this process when ``$HW_DQ_TEST_KILL_AT`` names
+    ``name`` (``name:n``: at its n-th occurrence). One environment lookup in normal use."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target == name:
+        _kill_counts[name] = _kill_counts.get(name, 0) + 1
+        if _kill_counts[name] >= int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` then atomically rename ``tmp`` to ``path``."""
     path = Path(path)
@@ -59,6 +86,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        kill_point(path.name)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,11 +134,19 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raw = (f.metadata() or {}).get("hw_dq", "{}")
         tensors = load_file(str(path))
         meta = json.loads(raw)
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a safetensors file ({e}); "
             "delete it and re-train, or --resume from an intact run"
         ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: its hw_dq metadata is not a JSON object; re-train")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {name} holds NaN or Inf (a diverged run?); "
+                "re-train (lower --lr, --grad-clip) or --resume from an earlier intact run"
+            )
     return tensors, meta
 
 
@@ -125,6 +161,118 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) ->
             f"{where} does not match the model in config.json ({first}; missing e.g. {missing}); "
             "was it written by another model or hw-dq version?"
         ) from None
+
+
+def _proc_start(pid: int) -> str:
+    """The kernel's start time of process ``pid`` ('' if unknown): a reused PID has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"PID {info['pid']} on {info['host']} ({info['verb']}, since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, verb: str = "hw-dq") -> Iterator[Path]:
+    """Hold ``RUN_DIR/.lock`` (exclusive) while a stage writes into the run directory.
+
+    The file holds the holder's PID, host, verb and start time; the exclusion itself is a kernel
+    ``flock``, released when the holder exits or is killed, so a lock left by a dead process is
+    stale by construction and the next run takes it over. A second process gets a one-line
+    error naming the holder."""
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HwDqError(
+                f"run directory {run_dir} is in use by {_holder(path)}; wait for it to finish "
+                "or use another run directory"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False  # the previous holder removed the file between our open and flock
+        if same:
+            break
+        os.close(fd)
+    try:
+        pid = os.getpid()
+        info = {"pid": pid, "host": socket.gethostname(), "verb": verb, "proc_start": _proc_start(pid),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def lock_is_stale(path: Path) -> bool:
+    """True when the lock file's holder is not running (dead, or its PID now names another process)."""
+    try:
+        info = json.loads(Path(path).read_text())
+        pid, start = int(info["pid"]), str(info.get("proc_start", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if info.get("host") != socket.gethostname():
+        return False  # another machine's process: only its own kernel lock says
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return bool(start) and _proc_start(pid) != start
+
+
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def guard(run_dir: str | Path | None = None, verb: str = "hw-dq") -> Iterator[None]:
+    """A CLI verb's frame: hold :func:`run_lock` on ``run_dir`` (when it names a folder that
+    exists or will be created) and turn a full disk, a read-only folder or a denied write into
+    a one-line :class:`HwDqError` (every file written before is intact: writes are atomic)."""
+    try:
+        with run_lock(run_dir, verb) if run_dir is not None else contextlib.nullcontext():
+            yield
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise HwDqError(
+            f"cannot write{where}: {DISK_ERRORS[e.errno]}; free space or choose a writable folder "
+            "(files written before are intact)"
+        ) from None
+
+
+# the verbs that write into one run directory, and the argument that names it (train creates it)
+LOCKED_VERBS = {"train": "out", "attack": "run_dir", "export": "run_dir", "build": "run_dir",
+                "certify": "run_dir", "faults": "run_dir"}  # fmt: skip
+
+
+def guard_verb(args: Any) -> contextlib.AbstractContextManager[None]:
+    """:func:`guard` for a parsed ``hw-dq`` command line: the lock on the run directory its verb
+    writes into (an existing folder; ``train --out`` may create it), else only the disk errors."""
+    verb = str(getattr(args, "cmd", "hw-dq"))
+    folder = getattr(args, LOCKED_VERBS[verb], None) if verb in LOCKED_VERBS else None
+    if folder is not None and not (Path(folder).is_dir() or verb == "train"):
+        folder = None  # a missing run directory: the verb itself says so
+    return guard(folder, verb)
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -137,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        from hw_dq.run import guard_verb  # the run directory's lock; a full disk is one line
+
+        with guard_verb(args):
+            return func(args)
     except HwDqError as e:
         print(f"hw-dq: error: {e}", file=sys.stderr)
         return EXIT_USAGE
