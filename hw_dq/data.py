@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -37,6 +38,8 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
+MIN_SIDE, MAX_SIDE = 4, 4096  # image sides every model here can take (4x4 after the stem), and a sane bound
+MAX_CLASSES = 10_000  # labels of your own data set the model's output count: a stray huge label is an error
 NPZ_LAYOUT = (
     "expected {split}.npz, *_{split}.npz or *_{split}_part*.npz with keys x (uint8 N x H x W x C) and y (int labels)"
 )
@@ -102,16 +105,26 @@ def default_data_dir() -> Path:
 
 
 def _validate(x: np.ndarray, y: np.ndarray, where: str, classes: int = 0) -> ArrayDataset:
+    """Every field checked against what uses it: images, labels, their count and range."""
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f"{where}: images must be uint8 N x H x W x C with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
-    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
         raise DataError(
-            f"{where}: labels must be N integers matching {x.shape[0]} images, got {y.dtype} {tuple(y.shape)}"
+            f"{where}: field x: images must be uint8 N x H x W x C with C in (1, 3), got {x.dtype} {tuple(x.shape)}"
         )
-    if y.size and (y.min() < 0):
-        raise DataError(f"{where}: labels must be non-negative, found {int(y.min())}")
-    if classes and y.size and y.max() >= classes:
-        raise DataError(f"{where}: labels must lie in 0..{classes - 1} ({classes} classes), found {int(y.max())}")
+    if x.shape[0] == 0 or not MIN_SIDE <= min(x.shape[1:3]) <= max(x.shape[1:3]) <= MAX_SIDE:
+        raise DataError(
+            f"{where}: field x: need at least one image of {MIN_SIDE}..{MAX_SIDE} pixels a side, got shape "
+            f"{tuple(x.shape)}"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{where}: field y: labels must be N integers matching {x.shape[0]} images, got {y.dtype} {tuple(y.shape)}"
+        )
+    if y.min() < 0:
+        raise DataError(f"{where}: field y: labels must be non-negative, found {int(y.min())}")
+    top = classes or MAX_CLASSES
+    if y.max() >= top:
+        what = f"{classes} classes" if classes else f"at most {MAX_CLASSES} classes"
+        raise DataError(f"{where}: field y: labels must lie in 0..{top - 1} ({what}), found {int(y.max())}")
     return ArrayDataset(np.ascontiguousarray(x), y.astype(np.int64), where, classes)
 
 
@@ -127,7 +140,7 @@ def _load_npz(path: Path, keys: tuple[str, str] = ("x", "y")) -> tuple[np.ndarra
             return f[keys[0]], f[keys[1]]
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(
             f"{path}: not a readable .npz file ({type(e).__name__}: {e}); re-create it with numpy.savez_compressed"
         ) from None
