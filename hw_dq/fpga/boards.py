@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ __all__ = ["Board", "BoardError", "canonical_name", "get_board", "load_board_fil
 from hw_dq.errors import BoardError
 
 RESOURCES = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
+MAY_BE_ZERO = ("URAM",)  # 7-series and smaller UltraScale+ parts have none; every board has the others
+MAX_RESOURCE = 100_000_000  # far above any FPGA; a larger count is a typo
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
+PART = re.compile(r"x[a-z0-9]{2,}[a-z0-9-]*", re.IGNORECASE)
 SHELL_FLOWS = ("vivado_zynq", "vitis_alveo")
 # FINN's recommended utilisation limits for timing closure (finn.util.platforms.DEFAULT_RES_LIMITS).
 UTIL_LIMITS = {"LUT": 0.70, "FF": 0.50, "BRAM_18K": 0.80, "URAM": 0.80, "DSP": 0.80}
@@ -74,18 +79,23 @@ def parse_board(data: Any, path: Path) -> Board:
     for key in ("name", "finn_board", "part"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise _fail(path, key, "is missing or not a non-empty string")
+    for key in ("name", "finn_board"):  # the name becomes the build folder: one plain path component
+        if not SAFE_NAME.fullmatch(data[key]) or data[key] in (".", ".."):
+            raise _fail(path, key, f"must be letters, digits, '.', '_', '-' or ' ' (a folder name), got {data[key]!r}")
+    if not PART.fullmatch(data["part"]):
+        raise _fail(path, "part", f"is not a Xilinx/AMD part number like xc7z020clg400-1 (got {data['part']!r})")
     res = data.get("resources")
     if not isinstance(res, dict):
         raise _fail(path, "resources", f"is missing or not an object with {', '.join(RESOURCES)}")
     for k in RESOURCES:
         v = res.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise _fail(path, f"resources.{k}", f"must be a non-negative integer (got {v!r})")
+        low = 0 if k in MAY_BE_ZERO else 1
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_RESOURCE:
+            what = "a non-negative" if low == 0 else "a positive"
+            raise _fail(path, f"resources.{k}", f"must be {what} integer up to {MAX_RESOURCE:,} (got {v!r})")
     extra = set(res) - set(RESOURCES)
     if extra:
         raise _fail(path, f"resources.{sorted(extra)[0]}", f"is not a known resource ({', '.join(RESOURCES)})")
-    if res["LUT"] == 0:
-        raise _fail(path, "resources.LUT", "must be positive")
     clk = data.get("clock_mhz")
     if isinstance(clk, bool) or not isinstance(clk, int | float) or not 1 <= clk <= 1000:
         raise _fail(path, "clock_mhz", f"must be a number of MHz in 1..1000 (got {clk!r})")
@@ -97,6 +107,10 @@ def parse_board(data: Any, path: Path) -> Board:
         raise _fail(path, "vitis_platform", "must be a string or null")
     if flow == "vitis_alveo" and not plat:
         raise _fail(path, "vitis_platform", "is required for the vitis_alveo shell flow")
+    if plat is not None and not SAFE_NAME.fullmatch(plat):
+        raise _fail(path, "vitis_platform", f"must be a platform name, not a path (got {plat!r})")
+    if not isinstance(data.get("notes", ""), str):
+        raise _fail(path, "notes", "must be a string")
     known = {"name", "finn_board", "part", "resources", "clock_mhz", "shell_flow", "vitis_platform", "notes"}
     unknown = set(data) - known
     if unknown:
