@@ -20,6 +20,8 @@ equivalence test, which fails without the rewrite).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,14 +169,20 @@ def export_model(
             "the model is full precision (float weights and activations): FINN maps only quantized "
             "models; train with integer --wbits/--abits"
         )
+    if not bool(torch.isfinite(images).all()):
+        raise ExportError("the verification images hold NaN or Inf; use real images in [0, 1]")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     t0 = time.time()
-    raw = out / ".brevitas_export.onnx"
-    _quiet_export(model, images[:1], raw)
-    qm = cleanup_model(ModelWrapper(str(raw)))
-    raw.unlink(missing_ok=True)
+    fd, raw_name = tempfile.mkstemp(prefix=".brevitas_export.", suffix=".onnx.tmp", dir=out)
+    os.close(fd)
+    raw = Path(raw_name)  # a private name: a concurrent or killed export never collides with this one
+    try:
+        _quiet_export(model, images[:1], raw)
+        qm = cleanup_model(ModelWrapper(str(raw)))
+    finally:
+        raw.unlink(missing_ok=True)
     rewritten = _rewrite_unsigned_binary_acts(qm)
     _uint8_input(qm)
     qm = cleanup_model(qm)
@@ -198,29 +206,45 @@ def export_model(
     # PyTorch and onnxruntime sum in different orders, so an activation that sits exactly on a
     # rounding boundary can land one level apart: a few images then differ by a logit quantum.
     # An export bug changes most images; allow up to ``max_tie_images`` of them to differ.
-    off = int((per_image > tol).sum())
+    # a NaN compares False with everything: count every non-finite output as outside the tolerance,
+    # and let no non-finite logit agree
+    finite = np.isfinite(ref).reshape(len(ref), -1).all(1) & np.isfinite(logits).reshape(len(ref), -1).all(1)
+    off = int(((per_image > tol) | ~finite).sum())
+    if not finite.all():
+        agree, diff = 0.0, float("nan")
     eq = {
         "n_images": len(images), "head": head, "max_abs_logit_diff": diff, "tolerance": tol,
         "images_outside_tolerance": off, "max_tie_images": max_tie_images,
         "top1_agreement": agree, "min_agreement": min_agreement,
         "activation_bipolar_rewritten": rewritten, "input": "UINT8 NCHW (scale 1/255 absorbed)",
-        "export_seconds": round(export_s, 2), "ok": off <= max_tie_images * len(images) and agree >= min_agreement,
+        "export_seconds": round(export_s, 2), "non_finite_images": int((~finite).sum()),
+        "ok": bool(finite.all()) and off <= max_tie_images * len(images) and agree >= min_agreement,
     }  # fmt: skip
-    rd.write_json(out / "equivalence.json", eq)
     if not eq["ok"]:
+        rd.write_json(out / "equivalence.json", {**eq, "max_abs_logit_diff": None if diff != diff else diff})
+        why = f", {eq['non_finite_images']} with NaN/Inf outputs" if not finite.all() else ""
         raise ExportError(
             f"QONNX does not reproduce the PyTorch model: {off} of {len(images)} images outside the logit "
-            f"tolerance {tol:.3g} (max diff {diff:.3g}), top-1 agreement {agree:.3f}; see {out / 'equivalence.json'}"
+            f"tolerance {tol:.3g}{why} (max diff {diff:.3g}), top-1 agreement {agree:.3f}; "
+            f"see {out / 'equivalence.json'}"
         )
-    qpath = out / QONNX_FILE
-    final.save(str(qpath))
-    np.save(out / SAMPLE_INPUT, xu8)
-    np.save(out / SAMPLE_OUTPUT, expected.astype(np.float32))
+    # every file atomically, the QONNX model and the report last: a killed export leaves the previous
+    # export or a complete new one, never a model without its verification vectors
+    rd.atomic_write(out / SAMPLE_INPUT, lambda p: _save_npy(p, xu8))
+    rd.atomic_write(out / SAMPLE_OUTPUT, lambda p: _save_npy(p, expected.astype(np.float32)))
     qcdq_path = None
     if qcdq:
         qcdq_path = out / "qcdq.onnx"
-        _quiet_export(model, images[:1], qcdq_path, qcdq=True)
+        rd.atomic_write(qcdq_path, lambda p: _quiet_export(model, images[:1], p, qcdq=True))
+    qpath = out / QONNX_FILE
+    rd.atomic_write(qpath, lambda p: final.save(str(p)))
+    rd.write_json(out / "equivalence.json", eq)
     return ExportResult(qpath, qcdq_path, out / SAMPLE_INPUT, out / SAMPLE_OUTPUT, eq)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+        np.save(f, arr, allow_pickle=False)
 
 
 def sample_images(run: Run | None, n: int) -> torch.Tensor:

@@ -125,8 +125,7 @@ class HwSimulator:
         self.output_name = self.model.graph.output[0].name
         self.input_shape = tuple(self.model.get_tensor_shape(self.input_name))
         for init in self.model.graph.initializer:
-            arr = self.model.get_initializer(init.name)
-            self.consts[init.name] = torch.from_numpy(np.array(arr, copy=True)).to(device)
+            self.consts[init.name] = _finite_const(init.name, self.model.get_initializer(init.name), device)
         self._compile(self.model)
 
     # ------------------------------------------------------------------ compile
@@ -142,9 +141,7 @@ class HwSimulator:
 
                 child = ModelWrapper(str(self.partition) if self.partition else _attrs(node)["model"].decode())
                 for init in child.graph.initializer:
-                    self.consts[init.name] = torch.from_numpy(np.array(child.get_initializer(init.name), copy=True)).to(
-                        self.device
-                    )
+                    self.consts[init.name] = _finite_const(init.name, child.get_initializer(init.name), self.device)
                 # wire the partition's own input/output names through the child graph
                 self.steps.append(Step(node.name, "Identity", [node.input[0]], [child.graph.input[0].name], _identity))
                 self._compile(child)
@@ -428,11 +425,18 @@ class HwSimulator:
             raise SimulationError(
                 f"input shape {tuple(xt.shape[1:])} does not match the graph's {self.input_shape[1:]}"
             )
+        if not bool(torch.isfinite(xt).all()):
+            raise SimulationError("the input images hold NaN or Inf; the accelerator takes UINT8 pixels (0..255)")
         with _exact_fp32():
             if keep or len(xt) <= self.chunk:
-                return self._run(xt, keep)
-            parts = [self._run(xt[i : i + self.chunk], False) for i in range(0, len(xt), self.chunk)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                out = self._run(xt, keep)
+            else:
+                parts = [self._run(xt[i : i + self.chunk], False) for i in range(0, len(xt), self.chunk)]
+                out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        y = out[self.output_name]
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            raise SimulationError("the simulated accelerator produced NaN or Inf outputs; rebuild with 'hw-dq build'")
+        return out
 
     def _run(self, xt: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
         return self.walk(xt, keep)
@@ -505,6 +509,17 @@ def _exact_fp32():
         cudnn_conv.fp32_precision = before[1]
         cuda_mm.allow_bf16_reduced_precision_reduction = before[2]
         cuda_mm.allow_fp16_reduced_precision_reduction = before[3]
+
+
+def _finite_const(name: str, arr: Any, device: str) -> torch.Tensor:
+    """A graph constant as a tensor; NaN in a weight, threshold or scale is refused (an inf threshold
+    is a level never reached, as FINN pads threshold tables, and stays)."""
+    a = np.array(arr, copy=True)
+    if a.dtype.kind == "f" and np.isnan(a).any():
+        raise SimulationError(f"graph constant {name} holds NaN; the build is corrupt, rebuild with 'hw-dq build'")
+    if a.dtype.kind == "f" and np.isinf(a).any() and "thres" not in name.lower():
+        raise SimulationError(f"graph constant {name} holds Inf; the build is corrupt, rebuild with 'hw-dq build'")
+    return torch.from_numpy(a).to(device)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
