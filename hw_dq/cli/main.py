@@ -103,6 +103,13 @@ def cmd_configs(_a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(_a: argparse.Namespace) -> int:
+    from hw_dq.zoo import table
+
+    print(table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hw_dq.version import __version__
 
@@ -126,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.set_defaults(func=cmd_lipschitz)
     c = sub.add_parser("configs", help="list the shipped training configs")
     c.set_defaults(func=cmd_configs)
+    z = sub.add_parser("zoo", help="list the model zoo's trained models (use one as zoo:NAME in any verb)")
+    z.set_defaults(func=cmd_zoo)
     for module in VERB_MODULES:
         importlib.import_module(module).register(sub)
     return p
@@ -137,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        from hw_dq.zoo import resolve_args  # every zoo:NAME run argument -> its writable copy under runs/zoo/
+
+        resolve_args(args)
         from hw_dq.run import guard_verb  # the run directory's lock; a full disk is one line
 
         with guard_verb(args):
