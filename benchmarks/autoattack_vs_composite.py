@@ -1,10 +1,13 @@
 """Reference AutoAttack (pyautoattack, standard) vs the earlier ART composite (art-apgd-square), side by side.
 
     python -m benchmarks.autoattack_vs_composite [--n 200] [--epochs 8] [--width 0.5] [--device auto]
+    python -m benchmarks.autoattack_vs_composite --use-runs runs/robust-sample/sm-vq-w2a2-at,...
 
 Trains two half-width CNV w2a2 models on the embedded CIFAR-10 sample (VQ: beta 0; DQ:
-beta 3e-4 on W), then on the same test images and seed runs both attack sets at 2/255 and
-8/255 and records robust accuracy, the per-image worst case of the two, wall time, and
+beta 3e-4 on W), or takes trained run directories (``--use-runs``, e.g. the adversarially
+trained models of ``benchmarks/robust_gpu.py``), then on the same test images and seed
+runs both attack sets at 2/255 and 8/255 and records robust accuracy, the per-image worst
+case of the two, wall time, and
 whether AutoAttack is at most the composite or within two binomial standard errors
 (:func:`hw_dq.robust.sanity.tolerance`). Writes benchmarks/results/autoattack_vs_composite.{json,md}.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import machine, machine_line
 from hw_dq import run as rd
 from hw_dq.data import load_split
 from hw_dq.robust.attacks import AttackParams, clean_accuracy, robust_accuracy
@@ -42,22 +45,28 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default="runs/autoattack_vs_composite")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--use-runs", default="", help="comma-separated trained run directories (no training)")
     a = ap.parse_args()
     dev = rd.resolve_device(a.device)
     x, y = load_split("sample", "test").take(a.n, 0).tensors()
     rows, res = [], {"machine": machine(), "device": dev, "n": a.n, "seed": 0, "models": {}}
-    for mode, beta in MODELS.items():
-        run = Path(a.runs) / mode.lower()
-        cfg = TrainConfig(model="cnv", width=a.width, wbits=2, abits=2, beta=beta, epochs=a.epochs, batch_size=128,
-                          lr=0.05, device=dev)  # fmt: skip
+    given = [Path(r) for r in a.use_runs.split(",") if r]
+    models = {r.name: (r, None) for r in given} or {m: (Path(a.runs) / m.lower(), b) for m, b in MODELS.items()}
+    for mode, (run, beta) in models.items():
         t0 = time.time()
-        if not (run / rd.MODEL).is_file():
+        if beta is not None and not (run / rd.MODEL).is_file():
+            cfg = TrainConfig(model="cnv", width=a.width, wbits=2, abits=2, beta=beta, epochs=a.epochs,
+                              batch_size=128, lr=0.05, device=dev)  # fmt: skip
             train(cfg, run, resume=True, progress=False)
-        model, _ = rd.load_model(run, device=dev)
+        model, run_cfg = rd.load_model(run, device=dev)
         clean = clean_accuracy(model, x, y)
-        print(f"{mode}: trained in {time.time() - t0:.0f} s", flush=True)
-        m = {"train_s": time.time() - t0, "clean_acc": clean, "config": f"cnv w{a.width} w2a2 beta {beta:g}",
-             "eps": {}}  # fmt: skip
+        print(f"{mode}: ready in {time.time() - t0:.0f} s", flush=True)
+        mc, tr = run_cfg["model"], run_cfg["train"]
+        desc = (
+            f"{mc['name']} w{mc.get('width')} w{mc.get('wbits')}a{mc.get('abits')} beta {tr.get('beta', 0):g} "
+            f"({tr.get('lipschitz_target', 'weight')}), adversarial training {tr.get('adv_train', 'none')}"
+        )
+        m = {"train_s": time.time() - t0, "clean_acc": clean, "config": desc, "eps": {}}
         for e in (float(v) for v in a.eps.split(",")):  # listed order (8 first: the headline eps)
             out = {}
             for attack in ("autoattack", "art-apgd-square"):
@@ -92,10 +101,14 @@ def _write(a: argparse.Namespace, res: dict, rows: list[str], dev: str) -> None:
         f"Same models, {a.n} sample test images (seed 0), device {dev}. AutoAttack: pyautoattack, version standard "
         "(APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5,000 queries). Composite: ART APGD-CE, APGD-T, "
         "Square (the earlier `autoattack` of hw-dq, now `art-apgd-square`), with hw-dq's default budgets.", "",
+        *[f"- {k}: {v['config']}" for k, v in res["models"].items()], "",
         "| model | clean % | eps (/255) | AutoAttack % | composite % | worst of both % | 2 SE % "
         "| AA <= composite + 2 SE | wall s (AA / composite) |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Command: `python -m benchmarks.autoattack_vs_composite " + f"--n {a.n} --epochs {a.epochs} --width {a.width}`",
+        "Command: `python -m benchmarks.autoattack_vs_composite "
+        + (f"--n {a.n} --use-runs {a.use_runs}`" if a.use_runs
+           else f"--n {a.n} --epochs {a.epochs} --width {a.width}`"),
+        "", f"Machine: {machine_line(res['machine'])}.",
     ]  # fmt: skip
     rd.write_json(Path(a.out).with_suffix(".json"), res)
     rd.write_text(Path(a.out).with_suffix(".md"), "\n".join(md) + "\n")

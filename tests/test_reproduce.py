@@ -13,7 +13,8 @@ from hw_dq.robust.results import load
 MICRO = Scale(
     data="sample", train_subset=256, width=0.125, fp_epochs=1, q_epochs=1, batch_size=64, abits=[2],
     betas=[3e-4], adv_train=False, n_eval=32, eps=[8.0], aa_iters=2, aa_targets=1, aa_queries=10, n_probe=16,
-    squeezers=["bits:4"], n_amplification=16, n_hw=16, hw_queries=20,
+    squeezers=["bits:4"], n_amplification=16, n_hw=16, hw_queries=20, aa_version="reduced", judged_eps=[8.0],
+    hw_attacks=["transfer-pgd", "square"],
 )  # fmt: skip
 
 
@@ -28,10 +29,22 @@ def test_cpu_plan_covers_the_paper_grid():
     assert dq.train.wbits == 2 and p.get("dq2-a4").train.wbits == 4 and dq.init_from == "fp"
     # the typed fields say what a run is; nothing parses the name
     assert (dq.mode, dq.wbits, dq.abits, dq.beta, dq.beta_rank, dq.adv_train) == ("DQ", 2, 1, 3e-4, 2, "none")
-    assert p.get("dq2-a2-at").adv_train == "fgsm" and p.get("dq2-a2-at").twin == "fp-at"
+    assert p.get("dq2-a2-at").adv_train == "nfgsm" and p.get("dq2-a2-at").twin == "fp-at"
     assert {r.name for r in p if r.squeeze} == {"fp", "vq-a2", "dq2-a2"}
     assert [r.name for r in p if r.amplification] == ["fp", "vq-a1", "dq2-a1", "vq-a2", "dq2-a2"]
-    assert {r.name for r in p if r.hardware} == {n for n in names if not n.startswith("fp") and "-at" not in n}
+    # the accelerator columns for every quantized run, the adversarially trained ones included
+    assert {r.name for r in p if r.hardware} == {n for n in names if not n.startswith("fp")}
+
+
+def test_the_cpu_scale_judges_on_the_reference_autoattack_and_adaptive_attacks_at_2_and_8():
+    s = Scale()
+    assert s.strong_attacks == ["autoattack", "bpda", "pgd-temp"] and s.judged_eps == [2.0, 8.0]
+    assert s.hw_attacks == ["transfer-autoattack", "square", "hsj"] and s.hw_queries == 5000
+    assert Scale(aa_version="reduced").strong_attacks == ["apgd-ce", "apgd-t", "square", "bpda", "pgd-temp"]
+    with pytest.raises(ConfigError, match="aa_version"):
+        Scale(aa_version="plus-ultra")
+    with pytest.raises(ConfigError, match="adv_recipe"):
+        Scale(adv_recipe="free")
 
 
 def test_plan_follows_the_scale_betas_and_bits():
@@ -74,7 +87,11 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     hw = next(r for r in results if r["run_dir"].endswith("vq-a2") and r["name"] == "robustness-hw")
     assert hw["target"] == "hw" and {e["attack"] for e in hw["evaluations"]} == {"transfer-pgd", "square"}
     dq = next(r for r in results if r["run_dir"].endswith("dq1-a2") and r["name"] == "robustness")
-    assert {e["attack"] for e in dq["evaluations"]} == {"fgsm", "pgd", "autoattack", "transfer-pgd"}
+    strong = {"apgd-ce", "apgd-t", "square", "bpda", "pgd-temp", "transfer-pgd"}
+    assert {e["attack"] for e in dq["evaluations"]} == {"fgsm", "pgd"} | strong
+    # the headline is the per-image worst case over every attack at 8/255, each one's number beside it
+    assert set(dq["headline"]["attack"].removeprefix("worst case of ").split("+")) == {"fgsm", "pgd"} | strong
+    assert dq["headline"]["robust_acc"] <= min(e["robust_acc"] for e in dq["evaluations"] if e["eps"] == 8.0)
     assert dq["sanity"]["verdict"] in ("pass", "warn")
     assert (out / "amplification.png").is_file() and (out / "summary.md").is_file()
     assert len(summary["claims"]) == 6

@@ -5,11 +5,13 @@ Plan (``cpu`` scale; ``smoke`` is the same plan shrunk to minutes for tests), bu
 
 1. train FP (full precision) on a CIFAR-10 subset; every quantized run is fine-tuned from
    it (the recipe the method notes recommend for low-bit ReLU6): VQ (beta = 0) and DQ at each
-   of the scale's betas, at each of its bit widths; adversarially trained (FGSM with random
-   start) FP, VQ and DQ (largest beta) at the ``adv_abits`` widths;
-2. attack every model: FGSM and PGD-10 at the scale's eps and AutoAttack (APGD-CE, APGD-T,
-   Square) at 8, plus PGD transferred from the FP twin, on ``n_eval`` test images, with the
-   gradient-masking checks;
+   of the scale's betas, at each of its bit widths; adversarially trained (``adv_recipe``,
+   N-FGSM by default) FP, VQ and DQ (largest beta) at the ``adv_abits`` widths;
+2. attack every model on the same ``n_eval`` test images: FGSM and PGD-10 at the scale's eps,
+   and at ``judged_eps`` (2 and 8) the reference AutoAttack (standard), BPDA, temperature PGD
+   and PGD transferred from the FP twin; the headline is their per-image worst case, with the
+   gradient-masking checks; the quantized runs' accelerators get ``hw_attacks`` (AutoAttack
+   transferred, Square 5,000, HopSkipJump) at the same eps;
 3. feature squeezing (bit depth as the input quantizer; median) on FP, and on VQ and DQ
    (largest beta) at the ``adv_abits`` widths;
 4. the error-amplification table and plot for FP, VQ and DQ (largest beta) at 2 bits or fewer;

@@ -83,7 +83,12 @@ def reproduce(
     from hw_dq.train.loop import train
 
     rd.write_json(out / "scale.json", asdict(s))
-    params = AttackParams(apgd_iters=s.aa_iters, apgd_targets=s.aa_targets, square_queries=s.aa_queries)
+    # standard: AttackParams' defaults are AutoAttack's own budgets; reduced: the scale's
+    params = (
+        AttackParams()
+        if s.aa_version == "standard"
+        else AttackParams(apgd_iters=s.aa_iters, apgd_targets=s.aa_targets, square_queries=s.aa_queries)
+    )
     scfg = SanityConfig(n_probe=s.n_probe, square_queries=s.aa_queries)
     for spec in p:
         if spec.name not in keep:
@@ -97,7 +102,7 @@ def reproduce(
             step(f"train/{spec.name}", lambda cfg=cfg, run=run: train(cfg, run, resume=True, progress=progress))
         res = run / "attacks" / "robustness.json"
         twin = out / "runs" / spec.twin
-        attacks = ["fgsm", "pgd", "autoattack"] + (["transfer-pgd"] if spec.mode != "FP" else [])
+        attacks = ["fgsm", "pgd", *s.strong_attacks] + (["transfer-pgd"] if spec.mode != "FP" else [])
         key = {"scale": asdict(s), "attacks": attacks}
         if not _done(res, key):
             log(f"attack {spec.name}")
@@ -176,17 +181,18 @@ def _hardware(run: Path, s: Scale) -> None:
 
     if not (rd.Run(run).build_dir(str(s.hw_board)) / rd.DATAFLOW_MODEL).is_file():
         build_run(run, str(s.hw_board), target_fps=s.hw_target_fps)
-    evaluate_hw(run, ["transfer-pgd", "square"], [8.0], board=s.hw_board, n=min(s.n_eval, s.n_hw), seed=s.seed,
-                steps=10, queries=s.hw_queries, name="robustness-hw")  # fmt: skip
+    evaluate_hw(run, list(s.hw_attacks), list(s.judged_eps), board=s.hw_board, n=min(s.n_eval, s.n_hw),
+                seed=s.seed, queries=s.hw_queries, name="robustness-hw")  # fmt: skip
 
 
 def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twin: Path, evaluate_run: Any) -> None:
     evaluate_run(run, attacks[:2], s.eps, n=s.n_eval, seed=s.seed, params=params, sanity=False, name="_wb")
     wb = rd.read_json(run / "attacks" / "_wb.json")["evaluations"]
-    extra = evaluate_run(run, attacks[2:], [8.0], n=s.n_eval, seed=s.seed, params=params, sanity_cfg=scfg,
+    extra = evaluate_run(run, attacks[2:], list(s.judged_eps), n=s.n_eval, seed=s.seed, params=params, sanity_cfg=scfg,
                          transfer_from=twin if "transfer-pgd" in attacks else None, name="_aa")  # fmt: skip
     # one file with every evaluation; the sanity checks see all of them
-    from hw_dq.robust.results import describe, headline, validate
+    from hw_dq.robust.evaluate import headline
+    from hw_dq.robust.results import describe, validate, worst_cases
     from hw_dq.robust.sanity import run_checks
 
     model = rd.Run(run).model(device="auto")
@@ -194,7 +200,14 @@ def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twi
     evals = wb + extra["evaluations"]
     src = rd.Run(twin).model(device="auto") if "transfer-pgd" in attacks else None
     san = run_checks(model, x, y, evals, extra["clean_acc"], params=params, cfg=scfg, seed=s.seed, source=src)
-    result = {**extra, "name": "robustness", "evaluations": evals, "headline": headline(evals), "sanity": san}
+    result = {
+        **extra,
+        "name": "robustness",
+        "evaluations": evals,
+        "headline": headline(evals),
+        "worst_case": worst_cases(evals),
+        "sanity": san,
+    }
     validate(json.loads(json.dumps(result)))
     rd.write_json(run / "attacks" / "robustness.json", result)
     rd.write_text(run / "attacks" / "robustness.md", describe(result))
