@@ -86,10 +86,12 @@ def _threshold(x: torch.Tensor, thr: torch.Tensor, channels_last: bool) -> torch
         out = torch.searchsorted(t.contiguous(), flat.t().contiguous(), right=True).t().to(x.dtype)
         out = out.reshape(x.shape)
     else:
-        # few thresholds: one broadcast comparison per threshold, counted in place
-        out = torch.ge(x, t[:, 0]).to(x.dtype)
+        # few (or unsorted) thresholds: one broadcast comparison per threshold, counted in place in
+        # uint8 where the count fits (a quarter of the memory traffic of a float count)
+        out = torch.ge(x, t[:, 0]).to(torch.uint8 if t.shape[1] < 256 else torch.int32)
         for j in range(1, t.shape[1]):
             out.add_(torch.ge(x, t[:, j]))
+        out = out.to(x.dtype)
     if not channels_last and out.dim() > 2:
         out = out.movedim(-1, 1)
     return out
