@@ -55,11 +55,18 @@ def cmd_attack_hw(a: argparse.Namespace) -> int:
     )  # fmt: skip
     print(tabulate([r]))
     ag = r["agreement"]
-    print(
-        f"accelerator (simulated) vs PyTorch on {ag['n_examples']} clean images: {100 * ag['clean_acc_hw']:.1f}% vs "
-        f"{100 * ag['clean_acc_sw']:.1f}%, top-1 disagreement {100 * ag['disagreement_clean']:.2f}%; "
-        f"written to {a.run_dir}/attacks/{name}.json"
-    )
+    for s in r.get("skipped", []):
+        print(f"skipped {s['attack']}: {s['reason']}")
+    if ag["clean_acc_sw"] is None:
+        versus = f"accelerator (simulated, no PyTorch model) on {ag['n_examples']} clean images: " + (
+            f"{100 * ag['clean_acc_hw']:.1f}%"
+        )
+    else:
+        versus = (
+            f"accelerator (simulated) vs PyTorch on {ag['n_examples']} clean images: {100 * ag['clean_acc_hw']:.1f}% "
+            f"vs {100 * ag['clean_acc_sw']:.1f}%, top-1 disagreement {100 * ag['disagreement_clean']:.2f}%"
+        )
+    print(f"{versus}; written to {a.run_dir}/attacks/{name}.json")
     return 0
 
 
@@ -74,6 +81,10 @@ def cmd_attack(a: argparse.Namespace) -> int:
             check(name, e, a.on)
     if a.on == "hw":
         return cmd_attack_hw(a)
+    from hw_dq.fpga.hwattack import bare_build
+
+    if bare_build(a.run_dir):
+        raise ConfigError(f"{a.run_dir} is a FINN build without a PyTorch model: attack it with --on hw")
     from hw_dq.robust.evaluate import evaluate_run, result_name
     from hw_dq.robust.results import tabulate
 

@@ -433,7 +433,7 @@ def certify_run(
     (``attack = "interval-certificate"``: a lower bound on every attack's robust accuracy), and a
     ``certified`` block with the bound-propagation time and per-layer interval width growth."""
     from hw_dq import run as rd
-    from hw_dq.fpga.hwattack import find_build, load_simulator, uint8_grid
+    from hw_dq.fpga.hwattack import bare_build, bare_source, bare_test_set, find_build, load_simulator, uint8_grid
     from hw_dq.provenance import provenance
     from hw_dq.robust import results as res
     from hw_dq.version import __version__
@@ -442,15 +442,20 @@ def certify_run(
     if n is not None and n <= 0:
         raise CertifyError(f"invalid --n {n}: must be positive")
     run = Path(run_dir)
-    if not (run / rd.CONFIG).is_file():
-        raise CertifyError(f"{run} is not a run directory (no {rd.CONFIG}); train one with 'hw-dq train'")
-    cfg = rd.read_json(run / rd.CONFIG)
-    build = find_build(run, board)
+    bare = bare_build(run)  # a user's own QONNX built with 'build --onnx': no hw-dq run around it
+    if not bare and not (run / rd.CONFIG).is_file():
+        raise CertifyError(
+            f"{run} is neither a run directory (no {rd.CONFIG}) nor a FINN build folder; train one with "
+            "'hw-dq train', or build a QONNX file with 'hw-dq build --onnx FILE --board B'"
+        )
+    cfg = bare_source(run) if bare else rd.read_json(run / rd.CONFIG)
+    build = run if bare else find_build(run, board)
     IntervalCertifier(load_simulator(build, verify=0))  # an uncovered op fails before FINN runs
     sim = load_simulator(build)  # checked bit-exact against FINN's execution
     cert = IntervalCertifier(sim)
     tr, mc = cfg.get("train", {}), cfg.get("model", {})
-    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
+    # the one definition of the evaluated images (a bare build: the embedded sample unless --data)
+    ds = bare_test_set(n, seed, data, data_dir) if bare else rd.Run(run).test_set(n, seed, data, data_dir)
     x, y = (t.numpy() for t in ds.tensors())
     xu = uint8_grid(x)
     t0 = time.perf_counter()

@@ -37,6 +37,8 @@ from hw_dq.errors import HwDqError
 from hw_dq.fpga.sim import HwSimulator, SimulationError
 
 DEFAULT_HW_ATTACKS = ("square", "transfer-autoattack", "hsj")  # issue 10's standard for the accelerator
+NO_MODEL = ("transfer attacks craft their examples on a PyTorch model, and a build of a bare QONNX file "
+            "(build --onnx) has none")  # fmt: skip
 PARENT, DATAFLOW = "dataflow_parent.onnx", "dataflow_model.onnx"
 
 
@@ -48,6 +50,24 @@ def find_build(path: str | Path, board: str | None = None) -> Path:
     from hw_dq.run import Run
 
     return Run(p).find_build(board)  # canonical board names, matched case-insensitively
+
+
+def bare_build(path: str | Path) -> bool:
+    """A FINN build folder given on its own (``build --onnx FILE``): no hw-dq run, so no PyTorch model."""
+    p = Path(path)
+    return not (p / "config.json").is_file() and ((p / PARENT).is_file() or (p / DATAFLOW).is_file())
+
+
+def bare_source(build: Path) -> dict[str, Any]:
+    """The config-like description of a bare build for results files (a quantized model of unknown training)."""
+    return {"model": {"name": f"qonnx:{build.resolve().name}"}, "mode": "VQ"}
+
+
+def bare_test_set(n: int | None, seed: int, data: str | None, data_dir: str | Path | None):
+    """The evaluated images of a bare build: ``data`` (default: the embedded CIFAR-10 sample), as Run.test_set."""
+    from hw_dq.data import load_split
+
+    return load_split(data or "sample", "test", None if data_dir is None else str(data_dir)).take(n, seed)
 
 
 def _reference_partition(build: Path, parent) -> str | None:
@@ -211,8 +231,8 @@ class HwAttackResult:
     n_examples: int
     seed: int
     robust_acc_hw: float  # accuracy of the accelerator on the adversarial inputs
-    robust_acc_sw: float  # accuracy of the PyTorch model on the same (UINT8-rounded) inputs
-    disagreement_adv: float  # fraction of adversarial inputs where the two top-1 labels differ
+    robust_acc_sw: float | None  # the PyTorch model on the same (UINT8-rounded) inputs; None: no model
+    disagreement_adv: float | None  # fraction of adversarial inputs where the two top-1 labels differ
     max_linf_255: float  # largest perturbation actually used, in 1/255
     params: dict
     wall_s: float
@@ -329,7 +349,7 @@ def _budgets(p: Any, steps: int | None, queries: int | None) -> Any:
 
 def attack_hw(
     attack: str,
-    model: nn.Module,
+    model: nn.Module | None,
     sim: HwSimulator,
     x: np.ndarray,
     y: np.ndarray,
@@ -341,7 +361,9 @@ def attack_hw(
     params: Any = None,
     batch_size: int = 128,
 ) -> HwAttackResult:
-    """Robust accuracy of the accelerator under one threat model at Linf ``eps_255``/255."""
+    """Robust accuracy of the accelerator under one threat model at Linf ``eps_255``/255.
+
+    ``model`` (the PyTorch model) may be None for a bare build: the software columns are then None."""
     from hw_dq.robust.registry import check
 
     entry = check(attack, eps_255, "hw")
@@ -349,9 +371,11 @@ def attack_hw(
     x = uint8_grid(x) / 255.0
     adv, par = craft(attack, model, sim, x, y, eps_255, seed, steps, queries, params, batch_size)
     linf = np.abs(adv - x).reshape(len(x), -1).max(1) * 255.0
-    hw, sw = hw_labels(sim, adv), sw_labels(model, adv)
+    hw = hw_labels(sim, adv)
+    sw = hw if model is None else sw_labels(model, adv)  # no model: no software column
     # robust = right on the clean image and on its adversarial one (as hw_dq.robust.attacks counts it)
-    hw_clean, sw_clean = hw_labels(sim, x) == y, sw_labels(model, x) == y
+    hw_clean = hw_labels(sim, x) == y
+    sw_clean = hw_clean if model is None else sw_labels(model, x) == y
     if entry.counting == "within-eps":  # minimal-perturbation attack: an example beyond eps does not count
         within = linf <= eps_255 + 1e-6
         hw_ok = hw_clean & ((hw == y) | ~within)
@@ -360,22 +384,27 @@ def attack_hw(
         hw_ok, sw_ok = hw_clean & (hw == y), sw_clean & (sw == y)
     disagree = np.nonzero(hw != sw)[0]
     hist: dict[str, int] = {}
-    if len(disagree):
+    if len(disagree) and model is not None:
         for r in locate_disagreement(model, sim, adv[disagree[:locate]].astype(np.float32)):
             hist[str(r["layer"])] = hist.get(str(r["layer"]), 0) + 1
     return HwAttackResult(
         attack=attack, eps=eps_255, n_examples=len(y), seed=seed,
-        robust_acc_hw=float(hw_ok.mean()), robust_acc_sw=float(sw_ok.mean()),
-        disagreement_adv=float(len(disagree) / max(1, len(y))), max_linf_255=float(linf.max(initial=0.0)),
+        robust_acc_hw=float(hw_ok.mean()), robust_acc_sw=None if model is None else float(sw_ok.mean()),
+        disagreement_adv=None if model is None else float(len(disagree) / max(1, len(y))),
+        max_linf_255=float(linf.max(initial=0.0)),
         params=par, wall_s=time.time() - t0, first_diff_layers=hist,
         robust_mask="".join("1" if v else "0" for v in hw_ok),
     )  # fmt: skip
 
 
-def agreement(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Clean accuracy of both, their top-1 disagreement rate, and where they first differ."""
+def agreement(model: nn.Module | None, sim: HwSimulator, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Clean accuracy of both, their top-1 disagreement rate, and where they first differ (None: no model)."""
     x = uint8_grid(x) / 255.0
-    hw, sw = hw_labels(sim, x), sw_labels(model, x)
+    hw = hw_labels(sim, x)
+    if model is None:
+        return {"n_examples": len(y), "clean_acc_hw": float((hw == y).mean()) if len(y) else 0.0,
+                "clean_acc_sw": None, "disagreement_clean": None, "first_diff": []}  # fmt: skip
+    sw = sw_labels(model, x)
     dis = np.nonzero(hw != sw)[0]
     where = locate_disagreement(model, sim, x[dis[:32]].astype(np.float32)) if len(dis) else []
     return {
@@ -434,13 +463,24 @@ def evaluate_hw(
         raise ConfigError(f"invalid --batch-size {batch_size}: must be positive")
     p = _budgets(params or AttackParams(), steps, queries)
     run = Path(run_dir)
-    model, cfg = rd.load_model(run, device=rd.resolve_device(device))
-    build = find_build(run, board)
+    skipped: list[dict[str, str]] = []
+    if bare_build(run):  # a user's own QONNX, built with 'build --onnx': the accelerator alone
+        model, cfg, build = None, bare_source(run), run
+        skipped = [{"attack": a, "reason": NO_MODEL} for a in attacks if ATTACKS[a].kind == "transfer"]
+        attacks = [a for a in attacks if ATTACKS[a].kind != "transfer"]
+        if not attacks:
+            raise ConfigError(f"{run}: {NO_MODEL}; choose square or hsj (--attacks square,hsj)")
+        if progress:
+            print(f"note: skipped {', '.join(s['attack'] for s in skipped)}: {NO_MODEL}", flush=True)
+        ds = bare_test_set(n, seed, data, data_dir)
+    else:
+        model, cfg = rd.load_model(run, device=rd.resolve_device(device))
+        build = find_build(run, board)
+        ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     sim = load_simulator(build)
-    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = (t.numpy() for t in ds.tensors())
-    agree = agreement(model.cpu(), sim, x, y)
-    model = model.to(rd.resolve_device(device))
+    agree = agreement(None if model is None else model.cpu(), sim, x, y)
+    model = None if model is None else model.to(rd.resolve_device(device))
     evals = []
     for a in attacks:
         for e in eps:
@@ -451,8 +491,9 @@ def evaluate_hw(
                            "first_diff_layers": r.first_diff_layers}, r.robust_mask,
             ))  # fmt: skip
             if progress:
-                print(f"  hw {a} @ {e:g}/255: accelerator {100 * r.robust_acc_hw:.1f}%, "
-                      f"PyTorch {100 * r.robust_acc_sw:.1f}% ({r.wall_s:.1f} s)", flush=True)  # fmt: skip
+                sw = "" if r.robust_acc_sw is None else f", PyTorch {100 * r.robust_acc_sw:.1f}%"
+                print(f"  hw {a} @ {e:g}/255: accelerator {100 * r.robust_acc_hw:.1f}%{sw} ({r.wall_s:.1f} s)",
+                      flush=True)  # fmt: skip
     checks = masking_checks(evals) if sanity else []
     checks.append({"name": "gradient masking (white-box)", "status": "skip",
                    "evidence": "the accelerator has no gradients; see the software results"})  # fmt: skip
@@ -461,6 +502,8 @@ def evaluate_hw(
         "build_dir": str(build), "simulator": "hw_dq.fpga.sim (checked bit-exact against FINN)",
         "agreement": {k: v for k, v in agree.items() if k != "first_diff"}, "first_diff_clean": agree["first_diff"],
     }  # fmt: skip
+    if model is None:
+        extra |= {"pytorch_model": None, "skipped": skipped}
     result = record(
         name=name, run_dir=run, cfg=cfg, dataset=ds.name, n=len(ds), seed=seed, clean_acc=agree["clean_acc_hw"],
         evaluations=evals, sanity=san, target="hw", extra=extra, device=rd.resolve_device(device),
