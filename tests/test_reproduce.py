@@ -93,6 +93,14 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert set(dq["headline"]["attack"].removeprefix("worst case of ").split("+")) == {"fgsm", "pgd"} | strong
     assert dq["headline"]["robust_acc"] <= min(e["robust_acc"] for e in dq["evaluations"] if e["eps"] == 8.0)
     assert dq["sanity"]["verdict"] in ("pass", "warn")
+    cert = next(r for r in results if r["run_dir"].endswith("vq-a2") and r["name"] == "certified-hw")
+    assert cert["target"] == "hw-certified" and cert["n_examples"] == hw["n_examples"]
+    # a certificate is a floor under every attack on the same accelerator and images
+    assert cert["evaluations"][0]["robust_acc"] <= hw["headline"]["robust_acc"]
+    md = (out / "summary.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| vq-a2 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]  # model, clean, worst case, accelerator, certified
+    assert len(cells) == 5 and "-" not in cells, row
     assert (out / "amplification.png").is_file() and (out / "summary.md").is_file()
     assert len(summary["claims"]) == 6
     stamp = (out / "runs" / "fp" / "attacks" / "robustness.json").stat().st_mtime_ns

@@ -183,6 +183,10 @@ def _hardware(run: Path, s: Scale) -> None:
         build_run(run, str(s.hw_board), target_fps=s.hw_target_fps)
     evaluate_hw(run, list(s.hw_attacks), list(s.judged_eps), board=s.hw_board, n=min(s.n_eval, s.n_hw),
                 seed=s.seed, queries=s.hw_queries, name="robustness-hw")  # fmt: skip
+    from hw_dq.fpga.certify import certify_run
+
+    # sound interval bounds through the same build, on the same images: a floor under every attack
+    certify_run(run, list(s.judged_eps), board=s.hw_board, n=min(s.n_eval, s.n_hw), seed=s.seed, name="certified-hw")
 
 
 def _attack(run: Path, attacks: list[str], s: Scale, params: Any, scfg: Any, twin: Path, evaluate_run: Any) -> None:
@@ -231,7 +235,8 @@ def summarise(out: str | Path, p: Plan | None = None) -> dict[str, Any]:
     lines = ["# Defensive Quantization reproduction", ""]
     if scale_path.is_file():
         lines += ["Scale: `" + json.dumps(rd.read_json(scale_path)) + "`", ""]
-    lines += [tabulate(results), "", "## Claims", ""]
+    lines += ["## Per model: clean, empirical worst case and certified accuracy", "", side_by_side(results, p), ""]
+    lines += ["## Every result", "", tabulate(results), "", "## Claims", ""]
     lines += [f"- **{v['verdict']}** - {v['claim']}: {v['evidence']}" for v in verdicts]
     lines += ["", NOTE]
     failures = _json_or_empty(out / "hw_failures.json")
@@ -243,3 +248,36 @@ def summarise(out: str | Path, p: Plan | None = None) -> dict[str, Any]:
                   "![error amplification](amplification.png)"]  # fmt: skip
     rd.write_text(out / "summary.md", "\n".join(lines) + "\n")
     return {"n_results": len(results), "claims": verdicts}
+
+
+def side_by_side(results: list[dict[str, Any]], p: Plan) -> str:
+    """One row per model: clean accuracy, the per-image worst case on the PyTorch model and on the
+    accelerator, and the accelerator's certified accuracy, at each judged eps (a blank: not run)."""
+    from hw_dq.experiments.reproduce.claims import robust_at
+
+    by = {(Path(r["run_dir"]).name, r["name"]): r for r in results}
+    eps = list(p.scale.judged_eps)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    head = ["model", "clean %"] + [f"{what} @{e:g} %" for what in ("worst case", "accelerator", "certified")
+                                   for e in eps]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec in p:
+        sw = by.get((spec.name, "robustness"))
+        if sw is None:
+            continue
+        hw, cert = by.get((spec.name, "robustness-hw")), by.get((spec.name, "certified-hw"))
+        cells = [spec.name, pct(sw["clean_acc"])]
+        cells += [pct(robust_at(sw, e)[0]) for e in eps]
+        cells += [pct(robust_at(hw, e)[0]) if hw else "-" for e in eps]
+        cells += [pct(next((c["robust_acc"] for c in cert["evaluations"] if float(c["eps"]) == e), None))
+                  if cert else "-" for e in eps]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    n = ", ".join(str(v) for v in sorted({r["n_examples"] for r in results}))
+    sw_set, hw_set = ", ".join(p.scale.strong_attacks), ", ".join(p.scale.hw_attacks)
+    lines += ["", f"Per-image worst case over every attack run at that eps (PyTorch model: {sw_set} and FGSM, "
+              f"PGD-10, transfer; accelerator: {hw_set}); certified: interval bounds through the build's "
+              f"integer arithmetic. Images per result: {n}; seed {p.scale.seed}."]  # fmt: skip
+    return "\n".join(lines)
