@@ -9,6 +9,8 @@ The evaluation state (which attacks ran, the per-image robust flags) is the libr
 resumable JSON file, kept inside the run directory, so a killed evaluation continues where
 it stopped. The library's warnings (its randomness, output-range and "Square decreased the
 robust accuracy" checks) are captured, not printed, and returned for the sanity section.
+With ``progress``, the library's own per-batch log line drives a progress line on stderr
+(component, batch, running robust accuracy, ETA of the component); the attack is unchanged.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,13 +55,43 @@ def check_version(version: str) -> str:
     return version
 
 
+# pyautoattack 0.2.0 logs this after every batch of every component (AutoAttack.verbose, on by default)
+_BATCH_LINE = re.compile(r"^(\S+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed$")
+
+
+class _Reporter:
+    """Progress on stderr from the library's per-batch log lines: running robust accuracy and ETA."""
+
+    def __init__(self, label: str, n: int) -> None:
+        self.label, self.n = label, max(1, n)
+        self.comp, self.robust, self.done, self.t0 = "", 0, 0, time.time()
+
+    def component(self, comp: str, robust: int) -> None:
+        self.comp, self.robust, self.done, self.t0 = comp, robust, 0, time.time()
+
+    def __call__(self, message: str) -> None:
+        m = _BATCH_LINE.match(message)
+        if m is None:
+            return
+        batch, n_batches, fooled, size = (int(g) for g in m.groups()[1:])
+        self.robust -= fooled
+        self.done += size
+        eta = (time.time() - self.t0) / batch * (n_batches - batch)
+        print(f"\r  {self.label} {self.comp}: batch {batch}/{n_batches} ({self.done} images), running robust acc "
+              f"{100 * self.robust / self.n:.1f}%, ETA {eta:.0f} s   ", end="\n" if batch >= n_batches else "",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 class _Capture(logging.Handler):
-    def __init__(self) -> None:
+    def __init__(self, on_message: _Reporter | None = None) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.on_message = on_message
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        if self.on_message is not None:
+            self.on_message(record.getMessage())
 
 
 def _key(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, version: str, seed: int) -> dict:
@@ -101,6 +137,7 @@ def run(
     state_path: Path | None = None,
     components: list[str] | None = None,
     budgets: dict[str, int] | None = None,
+    progress: Any = None,
 ) -> AutoAttackOutput:
     """AutoAttack ``version`` at radius ``eps`` (input units) on the model's device.
 
@@ -110,6 +147,8 @@ def run(
     a killed evaluation continues after the last finished component. The library's own
     state file is not used: pyautoattack 0.2.0 writes its attack set as a Python set
     literal and then refuses to restore it. The state is removed once the evaluation ends.
+    ``progress`` (anything, e.g. :class:`hw_dq.robust.evaluate.Progress`; its ``label`` names the
+    line): print per-batch progress on stderr; None: silent.
     """
     from pyautoattack import AutoAttack, checks
 
@@ -122,7 +161,8 @@ def run(
     st = _load_state(state_path, key) if state_path is not None else None
     resumed = st is not None
     log = logging.getLogger(LOGGER)
-    cap = _Capture()
+    reporter = None if progress is None else _Reporter(str(getattr(progress, "label", "") or "autoattack"), len(y))
+    cap = _Capture(reporter)
     old_level, old_prop = log.level, log.propagate
     log.addHandler(cap)
     log.setLevel(logging.DEBUG)
@@ -154,6 +194,8 @@ def run(
                 if comp in st["done"]:
                     continue
                 idx = torch.nonzero(robust).flatten()
+                if reporter is not None:
+                    reporter.component(comp, len(idx))
                 if len(idx):
                     adversary.attacks_to_run = [comp]
                     cand, _ = adversary.run_standard_evaluation(x[idx].to(dev), y[idx].to(dev), batch_size=batch_size)

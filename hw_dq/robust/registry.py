@@ -165,6 +165,7 @@ def _autoattack_factory(norm: str, version: str | None = None, components: list[
         out = autoattack.run(
             ctx.model, x, y, eps, norm=norm, version=ver, seed=ctx.seed, batch_size=ctx.batch_size,
             state_path=state, components=components, budgets=budgets if components else None,
+            progress=ctx.progress,
         )  # fmt: skip
         params = out.params | ({"resumed": True} if out.resumed else {})
         return Crafted(out.x_adv, params, out.breakdown, out.warnings, out.robust)
