@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -42,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hw_dq.errors import CheckpointError, ConfigError, HwDqError
+from hw_dq.errors import CheckpointError, ConfigError, DataError, HwDqError
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -80,7 +81,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` then atomically rename ``tmp`` to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -111,8 +112,10 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found; is this a hw-dq run directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); delete it or re-run the stage") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:120]}); delete it or re-run the stage") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -212,11 +215,39 @@ def run_lock(run_dir: str | Path, verb: str = "hw-dq") -> Iterator[Path]:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        remove_dead_scratch(Path(run_dir))
         yield path
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+_SCRATCH = re.compile(r"\.(\d+)-[^.]*\.tmp$")  # what atomic_write names its temporary file
+
+
+def remove_dead_scratch(folder: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.PID-XXXX.tmp``) that killed writers left under ``folder``;
+    a living process's are kept. Returns what was removed."""
+    removed = []
+    for tmp in folder.rglob(".*.tmp"):
+        m = _SCRATCH.search(tmp.name)
+        if m and _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_is_stale(path: Path) -> bool:
@@ -228,13 +259,7 @@ def lock_is_stale(path: Path) -> bool:
         return True
     if info.get("host") != socket.gethostname():
         return False  # another machine's process: only its own kernel lock says
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return bool(start) and _proc_start(pid) != start
+    return not _alive(pid) or (bool(start) and _proc_start(pid) != start)
 
 
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -256,7 +281,7 @@ def guard(run_dir: str | Path | None = None, verb: str = "hw-dq") -> Iterator[No
         where = f" ({e.filename})" if e.filename else ""
         raise HwDqError(
             f"cannot write{where}: {DISK_ERRORS[e.errno]}; free space or choose a writable folder "
-            "(files written before are intact)"
+            "(every file written before is intact)"
         ) from None
 
 
@@ -402,7 +427,21 @@ class Run:
         from hw_dq.data import load_split
 
         name, folder = self.data_source(data, data_dir)
-        return load_split(name, "test", folder).take(n, seed)
+        ds = load_split(name, "test", folder).take(n, seed)
+        model = self.config.get("model")
+        classes = model.get("num_classes") if isinstance(model, dict) else None
+        channels = model.get("in_channels") if isinstance(model, dict) else None
+        if isinstance(classes, int) and len(ds) and int(ds.y.max()) >= classes:
+            raise DataError(
+                f"{ds.name}: label {int(ds.y.max())} is out of range for the model of {self.path}, which has "
+                f"{classes} classes; evaluate on the dataset it was trained on (--data/--data-dir)"
+            )
+        if isinstance(channels, int) and ds.channels != channels:
+            raise DataError(
+                f"{ds.name}: images have {ds.channels} channel(s), the model of {self.path} takes {channels}; "
+                "evaluate on the dataset it was trained on (--data/--data-dir)"
+            )
+        return ds
 
     # -- evaluation records -----------------------------------------------------------------
     @property

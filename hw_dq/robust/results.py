@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,42 @@ def _frac(v: float, what: str) -> None:
         raise SchemaError(f"{what} = {v} is not a fraction in [0, 1]")
 
 
+def _finite(obj: dict, keys: Iterable[str], where: str) -> None:
+    """Every number of ``keys`` finite (NaN passes no comparison, so it is refused explicitly)."""
+    for k in keys:
+        v = obj.get(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SchemaError(f"{where}: field {k!r} is {v}, not a finite number")
+
+
+def _count(v: Any, what: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise SchemaError(f"{what} = {v!r} is not a non-negative integer")
+
+
+def _check_headline_and_worst(obj: dict, where: str) -> None:
+    h = obj["headline"]
+    if not isinstance(h.get("eps"), _NUM) or isinstance(h.get("eps"), bool) or not math.isfinite(h["eps"]):
+        raise SchemaError(f"{where}: field 'headline.eps' must be a finite number")
+    if h.get("robust_acc") is not None:
+        if isinstance(h["robust_acc"], bool) or not isinstance(h["robust_acc"], _NUM):
+            raise SchemaError(f"{where}: field 'headline.robust_acc' must be a number or null")
+        _frac(h["robust_acc"], f"{where}: headline.robust_acc")
+    if not isinstance(h.get("attack"), str | type(None)):
+        raise SchemaError(f"{where}: field 'headline.attack' must be a string or null")
+    worst = obj.get("worst_case", [])
+    if not isinstance(worst, list):
+        raise SchemaError(f"{where}: field 'worst_case' must be a list")
+    for i, wc in enumerate(worst):
+        w = f"{where}: worst_case[{i}]"
+        if not isinstance(wc, dict) or not isinstance(wc.get("attacks"), list):
+            raise SchemaError(f"{w} needs robust_acc and attacks")
+        _check_fields(wc, {"eps": _NUM, "norm": (str,), "robust_acc": _NUM, "per_attack": (dict,)}, w)
+        _finite(wc, ("eps",), w)
+        _count(wc.get("n_examples"), f"{w}.n_examples")
+        _frac(wc["robust_acc"], f"{w}.robust_acc")
+
+
 def validate(obj: Any, where: str = "results") -> dict[str, Any]:
     """Check ``obj`` against the schema; returns it, or raises :class:`SchemaError`."""
     if not isinstance(obj, dict):
@@ -96,32 +133,39 @@ def validate(obj: Any, where: str = "results") -> dict[str, Any]:
     _check_fields(obj, _TOP, where)
     if obj["mode"] not in MODES:
         raise SchemaError(f"{where}: mode {obj['mode']!r} not in {MODES}")
+    _finite(obj, ("width", "beta", "adv_eps", "clean_acc"), where)
     _frac(obj["clean_acc"], f"{where}: clean_acc")
+    _count(obj["n_examples"], f"{where}: n_examples")
+    if obj["adv_train"] != "none" and not isinstance(obj["adv_eps"], _NUM):
+        raise SchemaError(f"{where}: field 'adv_eps' must be a number when adv_train is {obj['adv_train']!r}")
     for i, ev in enumerate(obj["evaluations"]):
         w = f"{where}: evaluations[{i}]"
         if not isinstance(ev, dict):
             raise SchemaError(f"{w}: not an object")
         _check_fields(ev, _EVAL, w)
+        _finite(ev, ("eps", "robust_acc", "wall_s", "max_perturbation"), w)
         _frac(ev["robust_acc"], f"{w}.robust_acc")
+        _count(ev["n_examples"], f"{w}.n_examples")
         if ev["kind"] not in KINDS or ev["norm"] not in ("Linf", "L2") or ev["eps"] < 0:
             raise SchemaError(f"{w}: bad kind/norm/eps ({ev['kind']}, {ev['norm']}, {ev['eps']})")
         mask = ev.get("robust_mask")
         if mask is not None and (not isinstance(mask, str) or len(mask) != ev["n_examples"] or set(mask) - {"0", "1"}):
             raise SchemaError(f"{w}: robust_mask must be a string of n_examples 0/1 characters")
-    for i, wc in enumerate(obj.get("worst_case", [])):
-        if (
-            not isinstance(wc, dict)
-            or not isinstance(wc.get("robust_acc"), _NUM)
-            or not isinstance(wc.get("attacks"), list)
-        ):
-            raise SchemaError(f"{where}: worst_case[{i}] needs robust_acc and attacks")
-        _frac(wc["robust_acc"], f"{where}: worst_case[{i}].robust_acc")
+        warns = ev.get("warnings", [])
+        if not isinstance(warns, list) or not all(isinstance(x, str) for x in warns):
+            raise SchemaError(f"{w}: field 'warnings' must be a list of strings")
+    _check_headline_and_worst(obj, where)
     san = obj["sanity"]
     if san.get("verdict") not in VERDICTS or not isinstance(san.get("checks"), list):
         raise SchemaError(f"{where}: sanity needs a verdict in {VERDICTS} and a list of checks")
     for c in san["checks"]:
-        if not isinstance(c, dict) or c.get("status") not in STATUSES or not isinstance(c.get("evidence"), str):
-            raise SchemaError(f"{where}: sanity check {c!r} needs name, status in {STATUSES} and evidence")
+        if (
+            not isinstance(c, dict)
+            or not isinstance(c.get("name"), str)
+            or c.get("status") not in STATUSES
+            or not isinstance(c.get("evidence"), str)
+        ):
+            raise SchemaError(f"{where}: sanity check {str(c)[:80]} needs name, status in {STATUSES} and evidence")
     return obj
 
 
@@ -152,8 +196,10 @@ def load(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     for f in files:
         try:
             obj = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SchemaError(f"{f}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise SchemaError(f"{f}: not valid JSON ({str(e)[:120]})") from None
+        except OSError as e:
+            raise SchemaError(f"{f}: cannot be read ({e.strerror})") from None
         out.append(validate(obj, str(f)))
     return out
 
@@ -161,7 +207,7 @@ def load(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def _looks_like_result(f: Path) -> bool:
     try:
         return json.loads(f.read_text()).get("schema") == SCHEMA
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError, RecursionError):
         return False
 
 

@@ -163,15 +163,59 @@ class TrainConfig:
         )  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
+        """A config from a JSON object: every field's type and range checked, errors naming it."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown config key(s) {', '.join(unknown)[:200]}; valid keys: {', '.join(sorted(known))}"
+            )
+        for f in fields(cls):
+            if f.name in d:
+                _check_type(f, d[f.name], where)
         try:
             return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"invalid config: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(f"{where}: invalid config: {e}") from None
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+RANGES: dict[str, tuple[float, float]] = {  # what each number may be, beyond its type (checked on every load)
+    "depth": (1, 1000), "epochs": (1, 100_000), "batch_size": (1, 1 << 20), "seed": (0, 2**63 - 1),
+    "train_subset": (1, 1 << 40), "test_subset": (1, 1 << 40), "adv_steps": (1, 100_000),
+    "momentum": (0, 1), "lr_gamma": (0, 1e6), "warmup_epochs": (0, 100_000), "residual_lambda": (0, 1),
+    "width": (1e-3, 1e3), "checkpoint_every": (0, 1 << 40), "robust_eval_n": (0, 1 << 40),
+}  # fmt: skip
+
+
+def _check_type(f: Any, v: Any, where: str) -> None:
+    """One field of a config file against its annotation and range (one line naming the field)."""
+    ann = str(f.type).replace(" ", "")
+    if v is None and "None" in ann:
+        return
+    if f.metadata.get("bits"):
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, str)
+        want = "an integer bit width or 'float'"
+    elif ann.startswith("list"):
+        ok = isinstance(v, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        ok = ok and all(math.isfinite(x) and 0 < x < 1 for x in v)
+        want = "a list of fractions in (0, 1)"
+    elif ann.startswith("dict"):
+        ok, want = isinstance(v, dict), "a JSON object"
+    else:
+        base = ann.split("|")[0]
+        types = _JSON_TYPES.get(base, (object,))
+        ok = isinstance(v, types) and (base == "bool" or not isinstance(v, bool))
+        ok = ok and not (isinstance(v, float) and not math.isfinite(v))
+        want = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}.get(
+            base, base
+        )
+        lo, hi = RANGES.get(f.name, (-math.inf, math.inf))
+        if ok and base in ("int", "float") and not lo <= v <= hi:
+            raise ConfigError(f"{where}: field {f.name!r} = {v!r} is out of range [{lo:g}, {hi:g}]")
+    if not ok:
+        raise ConfigError(f"{where}: field {f.name!r} must be {want}, got {str(v)[:60]!r}")
 
 
 def shipped_configs() -> dict[str, str]:
@@ -186,7 +230,10 @@ def shipped_configs() -> dict[str, str]:
 def _read(name_or_path: str | Path) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config {name_or_path} cannot be read ({str(e)[:120]})") from None
     else:
         ref = resources.files("hw_dq").joinpath("configs", f"{name_or_path}.json")
         if not ref.is_file():
@@ -196,8 +243,8 @@ def _read(name_or_path: str | Path) -> dict[str, Any]:
         text = ref.read_text()
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config {name_or_path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"config {name_or_path} is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {name_or_path} must be a JSON object of TrainConfig fields")
     return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -209,7 +256,7 @@ def load_config(name_or_path: str | Path | None = None, **overrides: Any) -> Tra
     ``None`` overrides are ignored (a flag that was not given); to set a field to ``None``
     (full precision bits) pass ``'float'``.
     """
-    base = TrainConfig.from_dict(_read(name_or_path)) if name_or_path else TrainConfig()
+    base = TrainConfig.from_dict(_read(name_or_path), f"config {name_or_path}") if name_or_path else TrainConfig()
     known = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
@@ -268,6 +315,6 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, Any]:
 def stored_config(cfg_json: dict[str, Any], where: str = "config.json") -> TrainConfig:
     """The TrainConfig of a run directory's config.json (``train`` section)."""
     try:
-        return TrainConfig.from_dict(cfg_json["train"])
+        return TrainConfig.from_dict(cfg_json["train"], where)
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{where} has no valid 'train' section ({e})") from None
