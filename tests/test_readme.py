@@ -1,0 +1,181 @@
+"""The README's headline figures are the committed results files' figures (each formatted from its JSON)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _table(header_start: str) -> list[list[str]]:
+    """The rows (cells stripped) of the README table whose header line starts with ``header_start``."""
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip().startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _says(*texts: str) -> None:
+    for t in texts:
+        assert t in " ".join(README.split()), f"README does not say {t!r} (as the committed result gives it)"
+
+
+def test_robust_sample_table_matches_its_results_file() -> None:
+    ev = _load("robust_sample.json")["eval"]
+    names = {"FP + AT": "sm-fp-at", "VQ w4a4 + AT": "sm-vq-w4a4-at", "DQ w4a4 + AT": "sm-dq-w4a4-at",
+             "VQ w2a2 + AT": "sm-vq-w2a2-at", "DQ w2a2 + AT": "sm-dq-w2a2-at",
+             "VQ w2a1 + AT": "sm-vq-w2a1-at"}  # fmt: skip
+    rows = _table("| model | clean | worst case 8/255")
+    assert len(rows) == len(names)
+    for row in rows:
+        name = names[re.sub(r" \(.*\)$", "", row[0])]
+        e8 = ev[f"{name}@8"]
+        robust = e8["robust"]
+        aa = next(v for k, v in robust.items() if k.startswith("apgd-ce"))
+        want = [_pct(e8["clean"]), _pct(e8["worst_case"]), _pct(aa), _pct(robust["bpda-pgd"]),
+                _pct(robust["temperature-pgd"])]  # fmt: skip
+        want.append(_pct(ev[f"{name}@2"]["worst_case"]) if f"{name}@2" in ev else "not run")
+        assert row[1:] == want, (name, row, want)
+        if "DQ" in row[0]:  # the stated setting is the run's
+            cfg = json.loads((ROOT / "zoo" / name / "config.json").read_text())["train"]
+            assert f"beta {cfg['beta']:g}, {cfg['lipschitz_target']}" in row[0].replace("0.0001", "1e-4") or (
+                f"beta 1e-4, {cfg['lipschitz_target']}" in row[0] and cfg["beta"] == 1e-4
+            ), row[0]
+
+
+def test_fpga_fit_table_matches_its_results_file() -> None:
+    fit = {(r["model"], r["board"]): r for r in _load("fpga_fit.json")["rows"]}
+    rows = _table("| model | board | `--fit` FPS")
+    assert rows
+    for row in rows:
+        r = fit[(row[0].lower().replace("cnv ", "cnv-"), row[1])]
+        want = [f"{r['fit_fps']:,.0f}", f"{r['fit_LUT']:,.0f}", f"{r['fit_BRAM_18K']:,.0f}", f"{r['fe_fps']:,.0f}",
+                f"{r['fe_LUT']:,.0f}", f"{r['fe_BRAM_18K']:,.0f}"]  # fmt: skip
+        assert row[2:] == want, (row, want)
+
+
+def test_results_bullets_match_their_files() -> None:
+    step = _load("robust_step.json")["median_s"]
+    base = step["clean QAT"]
+    _says(*(f"{label} {step[key] / base:.2f}x" for label, key in
+            (("N-FGSM", "N-FGSM"), ("FGSM-RS", "FGSM-RS"), ("PGD-7", "PGD-7"), ("TRADES-7", "TRADES-7"))))  # fmt: skip
+    nf = step["N-FGSM"]
+    _says(f"`bn_folded` {step['N-FGSM + DQ penalty (bn_folded)'] / nf:.2f}x",
+          f"`weight` {step['N-FGSM + DQ penalty (weight)'] / nf:.2f}x",
+          f"spectral projection ({step['N-FGSM + spectral projection'] / nf:.2f}x)")  # fmt: skip
+
+    low = {r["variant"]: r for r in _load("low_bit_acts.json")["rows"]}
+    _says(f"w2a1 {_pct(low['w2a1_learned']['clean_acc'])} ({low['w2a1_learned']['ratio_to_fp']:.2f}x FP)",
+          f"w1a1 {_pct(low['w1a1_learned']['clean_acc'])} ({low['w1a1_learned']['ratio_to_fp']:.2f}x FP)",
+          f"from FP {_pct(low['fp']['clean_acc'])}",
+          f"({_pct(low['w2a1_fixed']['clean_acc'])}, {_pct(low['w1a1_fixed']['clean_acc'])})")  # fmt: skip
+
+    _says(f"{_load('certify_speed.json')['ratio']:.2f}x the simulator's clean inference time")
+    cert = _load("certified_training_tiny_x1.json")["runs"]
+    _says(f"from {_pct(cert['qat']['certified_hw']['2.0'])} to {_pct(cert['ibp']['certified_hw']['2.0'])}")
+
+    cifar = _load("train_cifar.json")["runs"]
+    _says(f"FP {_pct(cifar['fp']['clean_acc_test_10k'])}, VQ w2a2 {_pct(cifar['vq']['clean_acc_test_10k'])}, "
+          f"DQ w2a2 (beta {cifar['dq']['beta']:g}".replace("0.0003", "3e-4"))  # fmt: skip
+    _says(f"{_pct(cifar['dq']['clean_acc_test_10k'])}")
+
+    ts = _load("train_step.json")
+    med = ts["baseline"]["median_s"]
+    _says(f"FP {1000 * med['FP']:.0f} ms, VQ w2a2 {1000 * med['VQ w2a2']:.0f} ms, DQ w2a2 "
+          f"{1000 * med['DQ w2a2 weight']:.0f} ms (`weight`) / {1000 * med['DQ w2a2 bn_folded']:.0f} ms")  # fmt: skip
+    att = {(a["name"], k): a["result"]["median_s"][k] / a["reference"][k] for a in ts["attempts"]
+           for k in a.get("reference", {}) if k in a.get("result", {}).get("median_s", {})}  # fmt: skip
+    for name, said in (("BREVITAS_JIT=1", "BREVITAS_JIT=1"), ("channels_last", "channels_last"),
+                       ("torch.compile", "torch.compile"), ("1 thread", "one thread")):  # fmt: skip
+        _says(f"{said} (FP {att[(name, 'FP')]:.2f}x, VQ {att[(name, 'VQ w2a2')]:.2f}x")
+    steps = 50_000 // 128 + 1  # one epoch of full CIFAR-10 at batch 128
+    med_q = med["VQ w2a2"]
+    _says(f"about {steps * med_q / 60:.1f} min per quantized epoch", f"({steps} steps of {med_q:.2f} s")
+
+    hw = _load("hwsim_throughput.json")
+    kinds = {r["kind"]: r for r in hw["rows"]}
+    one = _load("hwsim_throughput_1thread.json")
+    _says(f"{kinds['sim']['images_per_s']:.0f} images/s", f"**{hw['sim_vs_finn']:.0f}x** FINN's",
+          f"({kinds['finn']['images_per_s']:.1f} images/s", f"**{hw['sim_vs_brevitas']:.2f}x** the Brevitas",
+          f"{kinds['sim']['peak_mem_above_baseline_mb']:.0f} MB peak", f"simulator is {one['sim_vs_finn']:.0f}x FINN",
+          f"and {one['sim_vs_brevitas']:.2f}x Brevitas")  # fmt: skip
+
+    at = _load("attack_throughput.json")
+    _says(f"ART's PGD ran at {at['pgd10_art_over_plain']:.2f}x")
+    h200 = [r["pgd10_engine_over_plain"] for r in _load("attack_throughput_h200.json")["runs"]]
+    _says(f"{h200[0]:.3f}x and {h200[1]:.3f}x of the plain loop")
+
+
+def test_lipschitz_target_bullet_matches_its_file() -> None:
+    assert {"vq", "dq_bn_0.0003"} <= set(_load("lipschitz_target.json")["runs"])
+    md = (RESULTS / "lipschitz_target.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| dq_bn_0.0003 |")).split("|")
+    vq_row = next(line for line in md.splitlines() if line.startswith("| vq |")).split("|")
+    # columns: variant, target, beta, clean (1000), clean (500), FGSM 2/4/8, PGD-10 2/4/8, transfer 2/4/8
+    clean, pgd8, tr8 = row[4].strip(), row[11].strip(), row[14].strip()
+    _says(f"({clean}% vs VQ {vq_row[4].strip()}%)", f"(PGD {pgd8}% vs {vq_row[11].strip()}%",
+          f"transfer {tr8}% vs {vq_row[14].strip()}%")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["LICENSE", "CITATION.cff"])
+def test_license_and_citation_exist_and_agree_with_pyproject(path: str) -> None:
+    import tomllib
+
+    assert (ROOT / path).is_file()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lic = meta.get("license")
+    lic = lic if isinstance(lic, str) else (lic or {}).get("text", "")
+    if path == "LICENSE":
+        assert lic == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License"), lic
+    else:
+        assert "license: MIT" in (ROOT / path).read_text()
+
+
+def test_readme_cites_only_files_that_exist() -> None:
+    for ref in sorted(set(re.findall(r"`((?:benchmarks/results|docs|hw_dq|tests|notebooks)/[\w./-]+)`", README))):
+        assert ref == "hw_dq/boards/" or (ROOT / ref).exists(), ref  # (the boards' place in a wheel)
+    for ref in sorted(set(re.findall(r"\(`([\w-]+\.md)`", README))):  # short names of results files
+        assert (RESULTS / ref).is_file() or (ROOT / ref).is_file(), ref
+
+
+def test_reproduction_verdict_figures_match_its_summary() -> None:
+    md = (RESULTS / "reproduce" / "summary.md").read_text().splitlines()
+    head = next(line for line in md if line.startswith("| model | mode |"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    rows = {}
+    for line in md[md.index(head) + 2 :]:
+        if not line.startswith("| cnv "):
+            break
+        r = dict(zip(cols, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        rows[(r["mode"], r["bits"], r["beta"], r["adv. train"], r["defense"], r["target"])] = r
+
+    def cell(mode: str, bits: str, col: str, beta: str = "0", adv: str = "none") -> str:
+        return rows[(mode, bits, beta, adv, "-", "PyTorch")][col]
+
+    fp, vq = ("FP", "fp32"), ("VQ", "w2a2")
+    _says(f"(AutoAttack: FP {cell(*fp, 'autoattack@8')}%, VQ w2a2 {cell(*vq, 'autoattack@8')}%)",
+          f"(VQ {cell(*vq, 'pgd@2')}% vs FP {cell(*fp, 'pgd@2')}% under FGSM/PGD",
+          f"DQ w4a4 {cell('DQ', 'w4a4', 'pgd@2', '0.0003')}% vs FP {cell(*fp, 'pgd@2')}%",
+          f"(w2a2: DQ {cell('DQ', 'w2a2', 'clean', '0.0003')}-{cell('DQ', 'w2a2', 'clean', '0.0001')}% vs VQ "
+          f"{cell(*vq, 'clean')}%)",
+          f"reach {cell(*vq, 'autoattack@8', adv='fgsm@8')}-{cell('DQ', 'w2a2', 'autoattack@8', '0.0003', 'fgsm@8')}% "
+          f"under AutoAttack (FP+AT: {cell(*fp, 'autoattack@8', adv='fgsm@8')}%)")  # fmt: skip
