@@ -179,3 +179,15 @@ def test_reproduction_verdict_figures_match_its_summary() -> None:
           f"{cell(*vq, 'clean')}%)",
           f"reach {cell(*vq, 'autoattack@8', adv='fgsm@8')}-{cell('DQ', 'w2a2', 'autoattack@8', '0.0003', 'fgsm@8')}% "
           f"under AutoAttack (FP+AT: {cell(*fp, 'autoattack@8', adv='fgsm@8')}%)")  # fmt: skip
+
+
+def test_benchmarks_readme_lists_every_script_and_cites_existing_files() -> None:
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)\.py` \|", text, flags=re.M))
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common"}
+    assert listed == scripts, (sorted(scripts - listed), sorted(listed - scripts))
+    for ref in set(re.findall(r"`([\w.*-]+\.(?:md|json))`", text)):
+        assert list(RESULTS.glob(ref)) or list((ROOT / "benchmarks").glob(ref)), ref
+    for ref in set(re.findall(r"`(results/[\w/.-]+)`", text)):
+        assert (ROOT / "benchmarks" / ref).exists(), ref
+    assert "/work/" not in text and "unfinished" not in text
