@@ -17,7 +17,9 @@ from hw_dq.errors import HwDqError
 EXIT_USAGE = 2
 # Each later pipeline stage adds its verbs in its own module: register(subparsers) adds
 # sub-parsers whose ``func(args) -> int`` raises HwDqError for user errors.
-VERB_MODULES: tuple[str, ...] = ("hw_dq.cli.fpga", "hw_dq.cli.eval", "hw_dq.cli.faults", "hw_dq.cli.certify")
+VERB_MODULES: tuple[str, ...] = (
+    "hw_dq.cli.fpga", "hw_dq.cli.eval", "hw_dq.cli.faults", "hw_dq.cli.certify", "hw_dq.cli.sweep",
+)  # fmt: skip
 
 
 def _no_default(action: argparse.Action) -> bool:
