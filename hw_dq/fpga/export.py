@@ -175,7 +175,7 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     t0 = time.time()
-    fd, raw_name = tempfile.mkstemp(prefix=".brevitas_export.", suffix=".onnx.tmp", dir=out)
+    fd, raw_name = tempfile.mkstemp(prefix=f".brevitas_export.{os.getpid()}-", suffix=".tmp", dir=out)
     os.close(fd)
     raw = Path(raw_name)  # a private name: a concurrent or killed export never collides with this one
     try:
