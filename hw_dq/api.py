@@ -309,45 +309,34 @@ def certify(
                        data_dir=data_dir, progress=progress)  # fmt: skip
 
 
-def faults(
-    run_dir: RunLike,
-    *,
-    mode: str = "random",
-    board: str | None = None,
-    rates: Sequence[float] = (),
-    target: str = "weights",
-    layers: Sequence[int] | None = None,
-    trials: int = 10,
-    flips: int = 10,
-    n: int | None = 500,
-    attack_n: int = 128,
-    baseline_trials: int = 3,
-    seed: int = 0,
-    name: str | None = None,
-    data: str | None = None,
-    data_dir: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
+def faults(run_dir: RunLike, *, progress: bool = False, **options: Any) -> dict[str, Any]:
     """Bit flips in a build's memories (``hw-dq faults``): random upsets or the Bit-Flip Attack.
 
     Args:
-        mode: ``"random"`` (Monte Carlo upsets at each of ``rates``, probability per stored bit)
-            or ``"targeted"`` (the progressive Bit-Flip Attack, ``flips`` flips).
-        target: random mode: ``"weights"``, ``"thresholds"``, ``"activations"`` or ``"all"``.
-        layers: only these layers (indices in the build report's table).
+        run_dir: a run directory with a FINN build, or the build folder of ``hw-dq build --onnx``
+            (random mode only: a bare QONNX build has no PyTorch model for the targeted attack).
+        progress: print progress lines.
+        **options: the keywords of :func:`hw_dq.fpga.faults_results.evaluate_faults`, which
+            defines them and their defaults once: ``mode`` (``"random"``: Monte Carlo upsets at
+            each of ``rates``, probability per stored bit; ``"targeted"``: the progressive
+            Bit-Flip Attack, ``flips`` flips), ``target`` (random mode: ``"weights"``,
+            ``"thresholds"``, ``"activations"`` or ``"all"``), ``layers``, ``trials``, ``n``,
+            ``board``, ``seed``, ``name``, ``data``, ``data_dir``, ...
 
     Returns:
         The record written to ``RUN_DIR/faults/<name>.json``.
     """
+    import inspect
+
     from hw_dq.fpga.faults_results import evaluate_faults
 
-    if mode == "random" and not rates:
+    known = sorted(set(inspect.signature(evaluate_faults).parameters) - {"run_dir", "progress"})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for faults(); valid: {', '.join(known)}")
+    if options.get("mode", "random") == "random" and not options.get("rates"):
         raise ConfigError("faults(mode='random') needs rates=[...] (upset probability per stored bit)")
-    return evaluate_faults(
-        _path(run_dir), mode=mode, board=board, rates=list(rates), target=target, layers=layers, trials=trials,
-        flips=flips, n=n, attack_n=attack_n, baseline_trials=baseline_trials, seed=seed, name=name, data=data,
-        data_dir=data_dir, progress=print if progress else None,
-    )  # fmt: skip
+    return evaluate_faults(_path(run_dir), progress=print if progress else None, **options)
 
 
 def reproduce(

@@ -13,7 +13,7 @@ from hw_dq.data import load_split
 from hw_dq.fpga.bfa import bit_flip_attack, match_twin, random_weight_flips
 from hw_dq.fpga.build import build_run
 from hw_dq.fpga.faults import FaultError, FaultyBuild, finn_execute, flip_values, from_code, predict, to_code
-from hw_dq.fpga.faults_results import evaluate_faults, plot_faults
+from hw_dq.fpga.faults_results import evaluate_faults, plot_faults, tabulate_faults
 from hw_dq.fpga.hwattack import uint8_grid
 from hw_dq.fpga.upsets import random_faults
 from hw_dq.run import load_model
@@ -127,6 +127,10 @@ def test_flip_on_simulator_equals_finn_execution(build, images, kind):
     got = fb.simulator(edits)(x).numpy().reshape(len(x), -1)
     ref = finn_execute(fb.build, edits, x).reshape(len(x), -1)
     assert np.array_equal(got, ref), f"{int((got != ref).any(1).sum())} of {len(x)} images differ from FINN"
+    # the in-place path (edited constants and recompiled steps of the loaded simulator) is the same accelerator
+    with fb.edited(edits) as sim:
+        assert sim is fb.clean
+        assert np.array_equal(sim(x).numpy().reshape(len(x), -1), ref)
     assert (got != clean).any(1).sum() >= 2, "the flips changed nothing: the comparison would be vacuous"
     assert np.array_equal(fb.clean(x).numpy().reshape(len(x), -1), clean), "the clean build was altered"
 
@@ -210,6 +214,16 @@ def test_cli_results_plot_and_errors(build, tmp_path):
     res.validate(saved)  # the results family's schema
     tgt = evaluate_faults(build, mode="targeted", flips=2, n=32, attack_n=32, baseline_trials=1)
     assert len(tgt["targeted"]["curve"]) == 2 and (build / "faults" / "faults-targeted.md").is_file()
+    # hw-dq results: fault results get their own table (not labelled as a PyTorch attack result)
+    shown = run_cli("results", str(build / "faults"))
+    assert shown.returncode == 0, shown.stderr
+    rows = [line for line in shown.stdout.splitlines() if "FPGA sim (bit flips)" in line]
+    assert len(rows) == 2 and "PyTorch" not in shown.stdout, shown.stdout
+    rand = next(line for line in rows if "random upsets in all" in line)
+    assert f"| {100 * saved['clean_acc']:.2f} |" in rand and "32 images x 2 trials per rate" in rand
+    assert f"0.001: {100 * saved['random']['rates'][1]['acc_mean']:.2f}" in rand
+    t = tgt["targeted"]
+    assert any(f"after 2 flips {100 * t['curve'][-1]['acc']:.2f}%" in line for line in rows)
     png = plot_faults([build, build], tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -223,6 +237,35 @@ def test_cli_results_plot_and_errors(build, tmp_path):
     bare.mkdir()
     (bare / "config.json").write_text((build / "config.json").read_text())
     assert_one_line_error(run_cli("faults", str(bare), "--rate", "1e-3"), "no FINN build", "hw-dq build")
+
+
+def test_random_faults_on_a_bare_qonnx_build(build, images, tmp_path):
+    """A user's own QONNX built with ``build --onnx`` (no hw-dq run): random mode works, targeted is one line."""
+    if "w2a2" not in build.name:
+        pytest.skip("one bit width is enough")
+    import shutil
+
+    onnx = tmp_path / "mine.onnx"
+    shutil.copyfile(build / "export" / "qonnx.onnx", onnx)
+    build_run(onnx, "Pynq-Z1", target_fps=1000)  # what 'hw-dq build --onnx mine.onnx --board Pynq-Z1' runs
+    bare = tmp_path / "build_mine_Pynq-Z1"
+    assert not (bare / "config.json").exists()
+    ok = run_cli("faults", str(bare), "--rate", "0,0.05", "--trials", "2", "--n", "32", "--target", "all", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    saved = json.loads((bare / "faults" / "faults-random-all.json").read_text())
+    # the same QONNX gives the same accelerator as the run's own build: same outputs, same clean accuracy
+    x, y = (t.numpy() for t in load_split("sample", "test").take(32, seed=0).tensors())
+    xu = uint8_grid(x)
+    assert np.array_equal(_fb(build).clean(xu).numpy(), FaultyBuild(bare).clean(xu).numpy())
+    assert saved["clean_acc"] == float((predict(_fb(build).clean, xu) == y).mean())
+    assert saved["model"] == "qonnx:build_mine_Pynq-Z1" and (saved["wbits"], saved["abits"]) == (2, 2)
+    rates = saved["random"]["rates"]
+    assert rates[0]["acc_mean"] == saved["clean_acc"] and rates[1]["mean_flips_memory"] > 0
+    from hw_dq.robust import results as res
+
+    res.validate(saved)
+    assert "| qonnx:build_mine_Pynq-Z1 | VQ | w2a2 | ? | unknown |" in tabulate_faults([saved])
+    assert_one_line_error(run_cli("faults", str(bare), "--mode", "targeted"), "no PyTorch model", "--mode random")
 
 
 def test_bad_requests_raise_fault_errors(build, images):

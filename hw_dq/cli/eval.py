@@ -118,9 +118,17 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
 
 def cmd_results(a: argparse.Namespace) -> int:
+    from hw_dq.fpga.faults_results import TARGET as FAULTS
+    from hw_dq.fpga.faults_results import tabulate_faults
     from hw_dq.robust.results import load, tabulate
 
-    print(tabulate(load(a.paths)))
+    results = load(a.paths)
+    faults = [r for r in results if r.get("target") == FAULTS]  # bit flips in the accelerator: their own table
+    attacks = [r for r in results if r.get("target") != FAULTS]
+    if attacks or not faults:
+        print(tabulate(attacks))
+    if faults:
+        print(("\n" if attacks else "") + tabulate_faults(faults))
     return 0
 
 

@@ -38,7 +38,7 @@ def cmd_faults(a: argparse.Namespace) -> int:
         print(f"plot: {plot_faults(a.runs, a.out)}")
         return 0
     if len(a.runs) != 1:
-        raise HwDqError(f"give one run directory to evaluate (got {len(a.runs)}); several only with --plot")
+        raise HwDqError(f"give one run directory or build folder (got {len(a.runs)}); several only with --plot")
     if a.mode == "random" and not a.rate:
         raise HwDqError("--mode random needs --rate R[,R...] (upset probability per stored bit)")
     say = None if a.quiet else (lambda s: print(s, flush=True))
@@ -61,7 +61,8 @@ def register(sub: Any) -> None:
     f = sub.add_parser(
         "faults", help="bit flips in the accelerator's weights, thresholds and activations (random or targeted)"
     )
-    f.add_argument("runs", nargs="*", metavar="RUN", help="run directory with a FINN build (several with --plot)")
+    f.add_argument("runs", nargs="*", metavar="RUN", help="run directory with a FINN build, or the build folder of "
+                   "'hw-dq build --onnx FILE' (random mode only: no PyTorch model); several with --plot")  # fmt: skip
     f.add_argument("--board", help="which build of the run (default: its only one)")
     f.add_argument("--mode", choices=("random", "targeted"), default="random")
     f.add_argument("--rate", type=_rates, help="random: upset probability per stored bit, e.g. 1e-5,1e-4,1e-3")

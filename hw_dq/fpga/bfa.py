@@ -208,7 +208,8 @@ def bit_flip_attack(
             old, new = sg * old, float(memory[t.mem.tensor].reshape(-1)[mi])  # as stored
             if new != old + sg * delta:  # the twin and the memory must stay in step
                 raise FaultError(f"internal: flip of {t.mem.node} index {mi} gave {new}, expected {old + sg * delta}")
-            acc = float((predict(fb.simulator(memory), x_eval_uint8) == y_eval).mean())
+            with fb.edited(memory) as sim:
+                acc = float((predict(sim, x_eval_uint8) == y_eval).mean())
             row = {"flip": step, "acc": acc, "loss_attack_batch": max(losses), "layer": t.mem.layer,
                    "pytorch_layer": t.name, "node": t.mem.node, "memory": "weights", "index": mi, **t.mem.locate(mi),
                    "bit": bit, "old": old, "new": new,
@@ -243,6 +244,7 @@ def random_weight_flips(
             pos = int(rng.integers(m.n_bits))
             memory[m.tensor] = flip_values(memory[m.tensor], np.array([pos // m.bits]), np.array([pos % m.bits]),
                                            DataType[m.dtype])  # fmt: skip
-            accs.append(float((predict(fb.simulator(memory), x_eval_uint8) == y_eval).mean()))
+            with fb.edited(memory) as sim:
+                accs.append(float((predict(sim, x_eval_uint8) == y_eval).mean()))
         out.append(accs)
     return out

@@ -5,6 +5,9 @@ single-event upsets and deliberate fault injection flip bits. This module reads 
 a folded build (what each MVAU / Thresholding node stores, its bit width, and where FINN places each
 value: processing element, SIMD lane, memory word), flips bits in a *copy* of the integer state and
 runs the edited build on :class:`hw_dq.fpga.sim.HwSimulator` (the build folder is never changed).
+A trial edits the loaded simulator in place (:meth:`FaultyBuild.edited`: the edited constants and
+the steps that read them are recompiled by the simulator's own op methods, and restored on exit);
+:meth:`FaultyBuild.simulator` re-loads a saved edited model, the slower path the tests compare with.
 
 Storage model, per FINN's folding (``get_hw_compatible_*_tensor`` of the MVAU/Thresholding ops):
 
@@ -30,12 +33,14 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hw_dq.errors import HwDqError
 from hw_dq.fpga.hwattack import DATAFLOW, PARENT, load_simulator
@@ -228,13 +233,21 @@ class FaultyBuild:
         if not self.memories:
             raise FaultError(f"{self.build}: the dataflow model has no MVAU or Thresholding memories to fault")
         self._tmp = tempfile.TemporaryDirectory(prefix="hwdq-faults-")
+        self._values: dict[str, np.ndarray] = {}
 
     def values(self, mem: Memory) -> np.ndarray:
         """A copy of a memory's stored values, in the memory's shape (shared threshold rows tiled)."""
-        arr = np.array(self.model.get_initializer(mem.tensor), dtype=np.float32, copy=True)
-        if arr.shape != mem.shape:
-            arr = np.tile(arr, (mem.shape[0] // arr.shape[0], 1))
-        return arr
+        return self.stored(mem).copy()
+
+    def stored(self, mem: Memory) -> np.ndarray:
+        """The clean values of a memory, read once (read-only)."""
+        if mem.tensor not in self._values:
+            arr = np.array(self.model.get_initializer(mem.tensor), dtype=np.float32, copy=True)
+            if arr.shape != mem.shape:
+                arr = np.tile(arr, (mem.shape[0] // arr.shape[0], 1))
+            arr.setflags(write=False)
+            self._values[mem.tensor] = arr
+        return self._values[mem.tensor]
 
     def select(self, kinds: Sequence[str], layers: Sequence[int] | None = None) -> list[Memory]:
         """Memories of the given kinds (and layers); a kind or layer the build lacks is an error."""
@@ -249,8 +262,62 @@ class FaultyBuild:
                 raise FaultError(f"{where}{self.build} has no {kind} memory; choose another --target or --layer")
         return chosen
 
+    @contextmanager
+    def edited(self, edits: dict[str, np.ndarray]) -> Iterator[HwSimulator]:
+        """The loaded simulator with some initializers replaced while inside the block, restored on exit.
+
+        Only the steps that read an edited tensor are recompiled, by the simulator's own op methods
+        (the same code that compiles a loaded model, so the result equals :meth:`simulator`'s).
+        Arrays equal to the clean values are skipped. A step that the edit moves off its fused
+        path (a flipped weight widening the accumulator past exact float32) falls back to
+        re-loading the edited model."""
+        from hw_dq.fpga.sim import _attrs as sim_attrs
+        from hw_dq.fpga.sim import _base_op
+
+        sim = self.clean
+        clean = {m.tensor: m for m in self.memories if m.kind != "activations"}
+        changed = {n: a for n, a in edits.items() if n not in clean or not np.array_equal(a, self.stored(clean[n]))}
+        touched = [st for st in sim.steps if any(n in changed for n in st.inputs)]
+        saved_consts = {n: sim.consts[n] for n in changed}
+        saved_fns = [(st, st.fn) for st in touched]
+        fallback = False
+        for n in changed:
+            if n not in sim.consts:
+                raise FaultError(f"{n} is not a stored tensor of {self.build}'s simulated accelerator")
+        try:
+            for n, arr in changed.items():
+                sim.consts[n] = torch.from_numpy(np.array(arr, dtype=np.float32)).to(sim.device)
+            for st in touched:
+                if len(st.nodes) == 2:  # a fused im2col + MVAU
+                    fn = sim._fused_conv(st.graph, *st.nodes)
+                else:
+                    node = st.nodes[0]
+                    fn = getattr(sim, f"_op_{_base_op(node.op_type)}")(st.graph, node, sim_attrs(node))
+                if fn is None:
+                    fallback = True
+                    break
+                st.fn = fn
+        except BaseException:
+            self._restore(sim, saved_consts, saved_fns)
+            raise
+        if fallback:
+            self._restore(sim, saved_consts, saved_fns)
+            yield self.simulator(edits)
+            return
+        try:
+            yield sim
+        finally:
+            self._restore(sim, saved_consts, saved_fns)
+
+    @staticmethod
+    def _restore(sim: HwSimulator, consts: dict[str, torch.Tensor], fns: list[tuple[Any, Any]]) -> None:
+        sim.consts.update(consts)
+        for st, fn in fns:
+            st.fn = fn
+
     def simulator(self, edits: dict[str, np.ndarray]) -> HwSimulator:
-        """The accelerator with some initializers replaced (the clean simulator when there are none)."""
+        """The accelerator with some initializers replaced, re-loaded from a saved edited model (the clean
+        simulator when there are none); :meth:`edited` is the fast in-place path."""
         if not edits:
             return self.clean
         saved = {name: self.model.get_initializer(name) for name in edits}

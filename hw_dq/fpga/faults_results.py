@@ -90,14 +90,24 @@ def evaluate_faults(
 
     _check_args(mode, rates, flips, trials, n, target)
     run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise HwDqError(f"{run} is not a run directory (no config.json); train one with 'hw-dq train'")
-    cfg = rd.read_json(run / "config.json")
-    build = find_build(run, board)
+    bare = is_bare_build(run)
+    if bare and mode == "targeted":
+        raise FaultError(
+            f"{run} is a build of a bare QONNX file (build --onnx), with no PyTorch model: the targeted "
+            "Bit-Flip Attack needs a run's Brevitas twin for its gradients; use --mode random"
+        )
+    if not bare and not (run / "config.json").is_file():
+        raise HwDqError(f"{run} is not a run directory (no config.json) nor a FINN build folder; "
+                        "train one with 'hw-dq train' or build a QONNX file with 'hw-dq build --onnx'")  # fmt: skip
+    build = run if bare else find_build(run, board)
     fb = FaultyBuild(build)
+    cfg = _bare_config(build, fb) if bare else rd.read_json(run / "config.json")
     mems = fb.select(kinds_for(target), layers) if mode == "random" else fb.select(("weights",), layers)
     tr = cfg.get("train", {})
-    ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
+    if bare:  # no run, so no stored dataset: the given one (default the embedded CIFAR-10 sample)
+        ds = load_split(data or "sample", "test", data_dir).take(n, seed)
+    else:
+        ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
     x, y = (t.numpy() for t in ds.tensors())
     xu = uint8_grid(x)
     from hw_dq.fpga.faults import predict
@@ -106,6 +116,8 @@ def evaluate_faults(
     name = name or (f"faults-random-{target}" if mode == "random" else "faults-targeted")
     result = _header(run, cfg, name, ds.name, len(y), seed, clean)
     table = bits_table(fb.memories)
+    if bare:
+        result["source"] = "a FINN build of a bare QONNX file (hw-dq build --onnx): no hw-dq run, no PyTorch model"
     result.update(build_dir=str(build), simulator="hw_dq.fpga.sim (checked bit-exact against FINN)",
                   fault_mode=mode, memories=table,
                   stored_bits={k: int(sum(r[k] for r in table)) for k in ("weights", "thresholds")},
@@ -141,6 +153,26 @@ def evaluate_faults(
     rd.write_json(run / FOLDER / f"{name}.json", result)
     rd.write_text(run / FOLDER / f"{name}.md", describe(result))
     return result
+
+
+def is_bare_build(path: str | Path) -> bool:
+    """A FINN build folder given on its own (``hw-dq build --onnx FILE``): no run directory around it."""
+    from hw_dq.fpga.hwattack import DATAFLOW, PARENT
+
+    p = Path(path)
+    return not (p / "config.json").is_file() and (p / PARENT).is_file() and (p / DATAFLOW).is_file()
+
+
+def _bare_config(build: Path, fb: FaultyBuild) -> dict[str, Any]:
+    """A config-like description of a bare build: the bit widths its memories hold (None when mixed)."""
+
+    def width(kind: str) -> int | None:
+        bits = {m.bits for m in fb.memories if m.kind == kind}
+        return bits.pop() if len(bits) == 1 else None
+
+    return {"model": {"name": f"qonnx:{build.resolve().name}", "wbits": width("weights"),
+                      "abits": width("activations")},
+            "mode": "VQ", "train": {}}  # fmt: skip
 
 
 def _check_finite(obj: Any, where: str = "result") -> None:
@@ -192,6 +224,44 @@ def describe(r: dict[str, Any]) -> str:
             lines.append(f"| {c['flip']} | {_pct(c['acc'])} | {b} | {c['layer']} | {c['node']} | {c['pe']} | "
                          f"{c['simd_lane']} | {c['word']} | {c['bit']} | {c['old']:g} -> {c['new']:g} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def summary(r: dict[str, Any]) -> tuple[str, str]:
+    """(curve summary, sample size) of one fault result, for ``hw-dq results``."""
+    if "targeted" in r:
+        t = r["targeted"]
+        base = t["baseline_random"]["acc_mean"]
+        reached = f"{t['flips_to_10pct']}" if t["flips_to_10pct"] else f"> {t['flips']}"
+        last = f"{_pct(t['curve'][-1]['acc'])}" if t["curve"] else "-"
+        text = f"Bit-Flip Attack: flips to 10% {reached}; after {t['flips']} flips {last}%" + (
+            f" (random flips {_pct(base[-1])}%)" if base else ""
+        )
+        return text, f"{r['n_examples']} images; gradients on {t['attack_batch']}"
+    rr = r["random"]
+    pts = ", ".join(f"{e['rate']:g}: {_pct(e['acc_mean'])} +-{_pct(e['ci95'])}" for e in rr["rates"])
+    trials = sorted({e["trials"] for e in rr["rates"]})
+    where = rr["target"] + (f" (layers {', '.join(map(str, rr['layers']))})" if rr.get("layers") else "")
+    return f"random upsets in {where}, accuracy % at rate: {pts}", (
+        f"{r['n_examples']} images x {'/'.join(map(str, trials))} trials per rate (95% CI over trials)"
+    )
+
+
+def tabulate_faults(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of fault results (``target: "hw-faults"``): clean accuracy, curve summary, sample size."""
+    head = ["model", "mode", "bits", "beta", "adv. train", "target", "clean", "faults", "sample"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        adv = r.get("adv_train") or "none"
+        adv = adv if adv == "none" or r.get("adv_eps") is None else f"{adv}@{r['adv_eps']:g}"
+        adv = "unknown" if "source" in r else adv  # a bare QONNX build: its training is not recorded
+        bits = "fp32" if r.get("wbits") is None and r.get("abits") is None else f"w{r['wbits']}a{r['abits']}"
+        curve, sample = summary(r)
+        beta = "?" if "source" in r else f"{r.get('beta', 0.0):g}"  # a bare QONNX build: training unknown
+        cells = [str(r["model"]), str(r["mode"]), bits, beta, adv,
+                 "FPGA sim (bit flips)", _pct(r["clean_acc"]), curve, sample]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies in % on the bit-exact simulation of the FINN build; rates per stored bit."]
+    return "\n".join(lines)
 
 
 def load_fault_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:

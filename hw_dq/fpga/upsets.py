@@ -35,12 +35,16 @@ def sample_flips(rng: np.random.Generator, n_bits: int, bits: int, rate: float) 
 def _flip_stream(
     out: torch.Tensor, dt: Any, bits: int, rate: float, rng: np.random.Generator
 ) -> tuple[torch.Tensor, int]:
+    """Flips in a freshly computed stream tensor, in place: only the hit values are read and written."""
     idx, bit = sample_flips(rng, out.numel() * bits, bits, rate)
     if len(idx) == 0:
         return out, 0
-    flat = out.detach().cpu().numpy().reshape(-1)
-    new = flip_values(flat, idx, bit, dt)
-    return torch.from_numpy(new).reshape(out.shape).to(out.device, out.dtype), len(idx)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    flat = out.reshape(-1) if out.is_contiguous() else out.contiguous().reshape(-1)
+    pos = torch.from_numpy(uniq).to(flat.device)
+    new = flip_values(flat[pos].cpu().numpy(), inv.reshape(-1), bit, dt)
+    flat[pos] = torch.from_numpy(new).to(flat.device, flat.dtype)
+    return flat.reshape(out.shape), len(idx)
 
 
 @contextmanager
@@ -120,16 +124,16 @@ def random_trial(
         if len(idx):
             from qonnx.core.datatype import DataType
 
-            edits[m.tensor] = flip_values(fb.values(m), idx, bit, DataType[m.dtype])
+            edits[m.tensor] = flip_values(fb.stored(m), idx, bit, DataType[m.dtype])
             n_mem += len(idx)
-    sim = fb.simulator(edits)
     acts = [m for m in mems if m.kind == "activations"]
     counter = [0]
-    if acts and rate > 0:
-        with activation_upsets(sim, acts, rate, rng, counter):
+    with fb.edited(edits) as sim:
+        if acts and rate > 0:
+            with activation_upsets(sim, acts, rate, rng, counter):
+                pred = predict(sim, x)
+        else:
             pred = predict(sim, x)
-    else:
-        pred = predict(sim, x)
     return float((pred == y).mean()), n_mem, counter[0]
 
 
