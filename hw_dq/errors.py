@@ -12,8 +12,13 @@ class HwDqError(Exception):
     """A problem with the user's input (arguments, files, data) with a one-line fix.
 
     The message must say what is wrong and how to fix it; the CLI prints it without a
-    traceback and exits with status 2.
+    traceback and exits with status 2. It is one line whatever it quotes (a user's field
+    name or value with a line break in it is shown escaped).
     """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text.replace("\r", "\\r").replace("\n", "\\n") if "\n" in text or "\r" in text else text
 
 
 class DataError(HwDqError):

@@ -69,7 +69,7 @@ class Board:
 
 
 def _fail(path: Path, field: str, why: str) -> BoardError:
-    return BoardError(f"board file {path}: field '{field}' {why}")
+    return BoardError(f"board file {path}: field {field!r} {why}")
 
 
 def parse_board(data: Any, path: Path) -> Board:

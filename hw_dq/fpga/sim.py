@@ -120,6 +120,8 @@ class HwSimulator:
         self.partition = Path(partition) if partition is not None else None
 
         self.model = model_or_path if isinstance(model_or_path, ModelWrapper) else ModelWrapper(str(model_or_path))
+        # a graph read from a file may only reference files in that file's folder
+        self.folder = None if isinstance(model_or_path, ModelWrapper) else Path(model_or_path).resolve().parent
         self.device = resolve_device(device)  # one-line error for a device this machine lacks
         self.consts: dict[str, torch.Tensor] = {}
         self.steps: list[Step] = []
@@ -141,7 +143,7 @@ class HwSimulator:
             if op == "StreamingDataflowPartition":
                 from qonnx.core.modelwrapper import ModelWrapper
 
-                child = ModelWrapper(str(self.partition) if self.partition else _attrs(node)["model"].decode())
+                child = ModelWrapper(str(self.partition) if self.partition else self._inside(_attrs(node)["model"]))
                 for init in child.graph.initializer:
                     self.consts[init.name] = _finite_const(init.name, child.get_initializer(init.name), self.device)
                 # wire the partition's own input/output names through the child graph
@@ -177,6 +179,19 @@ class HwSimulator:
             self.steps.append(
                 Step(node.name, node.op_type, list(node.input), list(node.output), fn, shapes, (node,), model)
             )
+
+    def _inside(self, ref: Any) -> str:
+        """A partition's model path from the graph, refused when it leaves the graph file's folder."""
+        path = Path(ref.decode() if isinstance(ref, bytes) else str(ref))
+        if self.folder is not None:
+            full = (self.folder / path).resolve()
+            if not full.is_relative_to(self.folder):
+                raise SimulationError(
+                    f"the graph references {path}, outside its own folder {self.folder}; pass the partition "
+                    "explicitly (a build folder's dataflow_model.onnx) or rebuild"
+                )
+            path = full
+        return str(path)
 
     def _const(self, name: str) -> torch.Tensor:
         return self.consts[name]

@@ -103,6 +103,9 @@ def _count(v: Any, what: str) -> None:
 
 def _check_headline_and_worst(obj: dict, where: str) -> None:
     h = obj["headline"]
+    missing = [k for k in ("eps", "robust_acc", "attack") if k not in h]
+    if missing:
+        raise SchemaError(f"{where}: field 'headline.{missing[0]}' is missing")
     if not isinstance(h.get("eps"), _NUM) or isinstance(h.get("eps"), bool) or not math.isfinite(h["eps"]):
         raise SchemaError(f"{where}: field 'headline.eps' must be a finite number")
     if h.get("robust_acc") is not None:

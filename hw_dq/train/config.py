@@ -169,7 +169,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(
-                f"{where}: unknown config key(s) {', '.join(unknown)[:200]}; valid keys: {', '.join(sorted(known))}"
+                f"{where}: unknown config key(s) {', '.join(map(repr, unknown))[:200]}; "
+                f"valid keys: {', '.join(sorted(known))}"
             )
         for f in fields(cls):
             if f.name in d:
