@@ -292,7 +292,7 @@ def guard(run_dir: str | Path | None = None, verb: str = "hw-dq") -> Iterator[No
 
 # the verbs that write into one run directory, and the argument that names it (train creates it)
 LOCKED_VERBS = {"train": "out", "attack": "run_dir", "export": "run_dir", "build": "run_dir",
-                "certify": "run_dir", "faults": "run_dir"}  # fmt: skip
+                "certify": "run_dir", "faults": "runs"}  # fmt: skip
 
 
 def guard_verb(args: Any) -> contextlib.AbstractContextManager[None]:
@@ -300,6 +300,8 @@ def guard_verb(args: Any) -> contextlib.AbstractContextManager[None]:
     writes into (an existing folder; ``train --out`` may create it), else only the disk errors."""
     verb = str(getattr(args, "cmd", "hw-dq"))
     folder = getattr(args, LOCKED_VERBS[verb], None) if verb in LOCKED_VERBS else None
+    if isinstance(folder, list):  # faults RUN (one run written); faults --plot RUN... only reads them
+        folder = folder[0] if len(folder) == 1 and not getattr(args, "plot", False) else None
     if folder is not None and not (Path(folder).is_dir() or verb == "train"):
         folder = None  # a missing run directory: the verb itself says so
     return guard(folder, verb)

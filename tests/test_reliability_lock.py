@@ -44,9 +44,10 @@ def _holder(run: Path) -> subprocess.Popen:
         ("export", "{run}"),
         ("build", "{run}", "--board", "ZCU104"),
         ("certify", "{run}", "--board", "Pynq-Z1"),
+        ("faults", "{run}", "--board", "Pynq-Z1"),
         ("train", "--out", "{run}", "--resume", "--model", "tiny"),
     ],
-    ids=["attack", "attack-hw", "export", "build", "certify", "train-resume"],
+    ids=["attack", "attack-hw", "export", "build", "certify", "faults", "train-resume"],
 )
 def test_second_writer_is_refused_naming_the_holder(tmp_path: Path, verb: tuple[str, ...], capsys) -> None:
     run = copy_fixture_run(tmp_path)
