@@ -86,11 +86,11 @@ def evaluate_faults(
     """Random upsets or the targeted Bit-Flip Attack on a run's build; writes ``RUN_DIR/faults/NAME.json``."""
     from hw_dq import run as rd
     from hw_dq.data import load_split
-    from hw_dq.fpga.hwattack import find_build, uint8_grid
+    from hw_dq.fpga.hwattack import bare_build, bare_test_set, find_build, uint8_grid
 
     _check_args(mode, rates, flips, trials, n, target)
     run = Path(run_dir)
-    bare = is_bare_build(run)
+    bare = bare_build(run)
     if bare and mode == "targeted":
         raise FaultError(
             f"{run} is a build of a bare QONNX file (build --onnx), with no PyTorch model: the targeted "
@@ -104,10 +104,8 @@ def evaluate_faults(
     cfg = _bare_config(build, fb) if bare else rd.read_json(run / "config.json")
     mems = fb.select(kinds_for(target), layers) if mode == "random" else fb.select(("weights",), layers)
     tr = cfg.get("train", {})
-    if bare:  # no run, so no stored dataset: the given one (default the embedded CIFAR-10 sample)
-        ds = load_split(data or "sample", "test", data_dir).take(n, seed)
-    else:
-        ds = rd.Run(run).test_set(n, seed, data, data_dir)  # the one definition of the evaluated images
+    # the one definition of the evaluated images (a bare build: the given dataset, default the sample)
+    ds = bare_test_set(n, seed, data, data_dir) if bare else rd.Run(run).test_set(n, seed, data, data_dir)
     x, y = (t.numpy() for t in ds.tensors())
     xu = uint8_grid(x)
     from hw_dq.fpga.faults import predict
@@ -155,14 +153,6 @@ def evaluate_faults(
     return result
 
 
-def is_bare_build(path: str | Path) -> bool:
-    """A FINN build folder given on its own (``hw-dq build --onnx FILE``): no run directory around it."""
-    from hw_dq.fpga.hwattack import DATAFLOW, PARENT
-
-    p = Path(path)
-    return not (p / "config.json").is_file() and (p / PARENT).is_file() and (p / DATAFLOW).is_file()
-
-
 def _bare_config(build: Path, fb: FaultyBuild) -> dict[str, Any]:
     """A config-like description of a bare build: the bit widths its memories hold (None when mixed)."""
 
@@ -170,9 +160,11 @@ def _bare_config(build: Path, fb: FaultyBuild) -> dict[str, Any]:
         bits = {m.bits for m in fb.memories if m.kind == kind}
         return bits.pop() if len(bits) == 1 else None
 
-    return {"model": {"name": f"qonnx:{build.resolve().name}", "wbits": width("weights"),
-                      "abits": width("activations")},
-            "mode": "VQ", "train": {}}  # fmt: skip
+    from hw_dq.fpga.hwattack import bare_source
+
+    cfg = bare_source(build)  # the description attack --on hw and certify give the same build
+    cfg["model"].update(wbits=width("weights"), abits=width("activations"))
+    return cfg
 
 
 def _check_finite(obj: Any, where: str = "result") -> None:
