@@ -26,6 +26,9 @@ from hw_dq.experiments.sweep.spec import SweepSpec
 
 DB = "study.db"
 MAX_RETRY = 3  # a trial killed this often is given up (its slot goes to a fresh point)
+# this process's time split (benchmarks/sweep_overhead.py): Optuna and its storage (ask, tell,
+# attributes, reaping, the pruner's reads) vs the trials' own stages vs the progress display
+TIMING: dict[str, float] = {"optuna_s": 0.0, "trial_s": 0.0, "progress_s": 0.0, "trials": 0, "_last_trial_s": 0.0}
 
 
 def default_storage(out: Path) -> str:
@@ -191,7 +194,9 @@ def work(
     say = log or (lambda _m: None)
     max_failures = spec.max_failures if spec.max_failures is not None else spec.n_trials
     errors = 0
+    TIMING.update({k: 0.0 for k in TIMING})
     while True:
+        t_iter = time.perf_counter()
         for n in reap(study):
             say(f"trial {n}: its worker died; marked failed and queued for a retry")
         c = counts(study)
@@ -199,19 +204,26 @@ def work(
             return c
         live = sum(v for k, v in c.items() if k != "FAIL")
         if c.get("WAITING", 0) == 0 and live >= spec.n_trials:
+            TIMING["optuna_s"] += time.perf_counter() - t_iter
             time.sleep(poll_s)  # every slot is taken by a running trial: wait for it (or its retry)
             continue
         trial = study.ask()
         if not _in_budget(study, trial, spec.n_trials):
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
+            TIMING["optuna_s"] += time.perf_counter() - t_iter
             continue
         state, msg = _run_one(study, trial, spec, out, say)
+        TIMING["optuna_s"] += time.perf_counter() - t_iter - TIMING["_last_trial_s"]
+        TIMING["trials"] += 1
+        t_show = time.perf_counter()
+        _notify(on_trial, study, trial)
+        TIMING["progress_s"] += time.perf_counter() - t_show
+        _write_timing(out)
         if state == "FAIL":
             errors += 1
             if errors > max_failures:
                 raise ConfigError(f"{errors} trials failed (max_failures {max_failures}); last: {msg}")
-        _notify(on_trial, study, trial)
 
 
 def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[str], None]) -> tuple[str, str]:
@@ -220,6 +232,7 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
     from optuna.storages._heartbeat import get_heartbeat_thread
     from optuna.trial import TrialState
 
+    TIMING["_last_trial_s"] = 0.0
     trial.set_user_attr("worker", worker_id())
     rel = run_dir_name(study._storage.get_trial(trial._trial_id))
     trial.set_user_attr("run_dir", rel)
@@ -238,7 +251,12 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
         try:
             params = tr.suggest(trial, spec.space)
             say(f"trial {trial.number} ({rel}): {params}")
-            summary = tr.run_trial(spec, out / rel, params, on_epoch, say)
+            t_run = time.perf_counter()
+            try:
+                summary = tr.run_trial(spec, out / rel, params, on_epoch, say)
+            finally:  # the trial's own time: its stages, less the pruner's storage calls
+                TIMING["_last_trial_s"] = time.perf_counter() - t_run - hook_s[0]
+                TIMING["trial_s"] += TIMING["_last_trial_s"]
         except optuna.TrialPruned as e:
             trial.set_user_attr("wall_s", time.time() - t0)
             study.tell(trial, state=TrialState.PRUNED)
@@ -254,13 +272,18 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
             study.tell(trial, state=TrialState.FAIL)
             say(f"trial {trial.number} failed: {msg}")
             return "FAIL", msg
-    trial.set_user_attr("pruner_s", hook_s[0])
-    trial.set_user_attr("summary", summary)
+    trial.set_user_attr("summary", {**summary, "pruner_s": round(hook_s[0], 4)})
     for key, value in tr.constraint_values(spec, summary).items():
         trial.set_constraint(key, value)
     trial.set_user_attr("wall_s", time.time() - t0)
     study.tell(trial, tr.objective_values(spec, summary))
     return "COMPLETE", ""
+
+
+def _write_timing(out: Path) -> None:
+    """This worker's time split so far (``SWEEP_DIR/timing/<host>_<pid>.json``; the overhead benchmark reads it)."""
+    host, pid = worker_id().rsplit(":", 1)
+    rd.write_json(out / "timing" / f"{host}_{pid}.json", {k: v for k, v in TIMING.items() if not k.startswith("_")})
 
 
 def _notify(on_trial: Callable[[Any], None] | None, study: Any, trial: Any) -> None:
