@@ -57,6 +57,7 @@ def test_attack_and_certify_a_bare_qonnx_build(build: tuple[Path, Path]) -> None
     assert [e["attack"] for e in rec["evaluations"]] == ["square", "hsj"]
     assert [s["attack"] for s in rec["skipped"]] == ["transfer-autoattack"] and rec["pytorch_model"] is None
     assert rec["agreement"]["clean_acc_sw"] is None and rec["target"] == "hw"
+    assert (rec["wbits"], rec["abits"]) == (2, 2)  # read off FINN's layers: the user's network is w2a2
 
     # the accelerator's clean accuracy is the user's QONNX model's own, on the same sample images
     x, y = test_data(N, seed=1)
@@ -68,6 +69,7 @@ def test_attack_and_certify_a_bare_qonnx_build(build: tuple[Path, Path]) -> None
     assert proc.returncode == 0, proc.stderr
     cert = json.loads((out / "attacks" / "certified-hw.json").read_text())
     assert cert["clean_acc"] == rec["clean_acc"] and cert["sanity"]["verdict"] == "pass"
+    assert (cert["wbits"], cert["abits"], cert["model"]) == (2, 2, rec["model"])
     # soundness on the same images: a certified image survives every attack at that eps
     for ev in rec["evaluations"]:
         mask = np.array([c == "1" for c in ev["robust_mask"]])

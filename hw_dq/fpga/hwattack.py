@@ -59,8 +59,25 @@ def bare_build(path: str | Path) -> bool:
 
 
 def bare_source(build: Path) -> dict[str, Any]:
-    """The config-like description of a bare build for results files (a quantized model of unknown training)."""
-    return {"model": {"name": f"qonnx:{build.resolve().name}"}, "mode": "VQ"}
+    """The config-like description of a bare build for results files (a quantized model of unknown training):
+    its name, and its weight and activation bits as FINN's layers hold them (the most common width)."""
+    from collections import Counter
+
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import getCustomOp
+
+    w, a = Counter(), Counter()
+    for node in ModelWrapper(str(build / DATAFLOW)).graph.node:
+        base = node.op_type.removesuffix("_hls").removesuffix("_rtl")
+        if base in ("MVAU", "VVAU", "Thresholding"):
+            op = getCustomOp(node)
+            if base != "Thresholding":
+                w[DataType[op.get_nodeattr("weightDataType")].bitwidth()] += 1
+            if base == "Thresholding" or op.get_nodeattr("noActivation") == 0:
+                a[DataType[op.get_nodeattr("outputDataType")].bitwidth()] += 1
+    bits = {k: c.most_common(1)[0][0] if c else None for k, c in (("wbits", w), ("abits", a))}
+    return {"model": {"name": f"qonnx:{build.resolve().name}", **bits}, "mode": "VQ"}
 
 
 def bare_test_set(n: int | None, seed: int, data: str | None, data_dir: str | Path | None):
