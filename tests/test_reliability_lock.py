@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def _holder(run: Path) -> subprocess.Popen:
     raise AssertionError("the holder never took the lock")
 
 
+@pytest.fixture(scope="module")
+def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """A copy of the v1 run whose lock another process holds for the whole module."""
+    run = copy_fixture_run(tmp_path_factory.mktemp("held"))
+    holder = _holder(run)
+    yield run, holder
+    holder.kill()
+    holder.wait()
+
+
 @pytest.mark.parametrize(
     "verb",
     [
@@ -49,17 +60,14 @@ def _holder(run: Path) -> subprocess.Popen:
     ],
     ids=["attack", "attack-hw", "export", "build", "certify", "faults", "train-resume"],
 )
-def test_second_writer_is_refused_naming_the_holder(tmp_path: Path, verb: tuple[str, ...], capsys) -> None:
-    run = copy_fixture_run(tmp_path)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != rd.LOCK_FILE}
-    holder = _holder(run)
-    try:
-        proc = _main(capsys, *(a.format(run=run) for a in verb))
-        assert_one_line_error(proc, "is in use by", f"PID {holder.pid}", "attack")
-    finally:
-        holder.kill()
-        holder.wait()
-    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != rd.LOCK_FILE}
+def test_second_writer_is_refused_naming_the_holder(
+    held: tuple[Path, subprocess.Popen], verb: tuple[str, ...], capsys
+) -> None:
+    run, holder = held
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rd.LOCK_FILE}
+    proc = _main(capsys, *(a.format(run=run) for a in verb))
+    assert_one_line_error(proc, "is in use by", f"PID {holder.pid}", "attack")
+    after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != rd.LOCK_FILE}
     assert after == before, "the refused process changed the run directory"
 
 
