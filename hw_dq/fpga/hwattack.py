@@ -68,7 +68,8 @@ def bare_source(build: Path) -> dict[str, Any]:
     from qonnx.custom_op.registry import getCustomOp
 
     w, a = Counter(), Counter()
-    for node in ModelWrapper(str(build / DATAFLOW)).graph.node:
+    nodes = ModelWrapper(str(build / DATAFLOW)).graph.node if (build / DATAFLOW).is_file() else []
+    for node in nodes:
         base = node.op_type.removesuffix("_hls").removesuffix("_rtl")
         if base in ("MVAU", "VVAU", "Thresholding"):
             op = getCustomOp(node)
