@@ -1,4 +1,5 @@
-"""Kill tests: every long stage SIGKILLed at deterministic points, then run again with the same command.
+"""Kill tests: every long stage SIGKILLed at deterministic points, then run again with the same command
+(train, export, build, attack on the PyTorch model and on the accelerator, faults).
 
 ``HW_DQ_TEST_KILL_AT=<file>[:n]`` makes the process SIGKILL itself just before the n-th atomic rename
 onto ``<file>`` (:func:`hw_dq.run.kill_point`): the file is complete in its temporary name and not yet
@@ -162,4 +163,19 @@ def test_attack_killed_then_rerun_gives_the_same_numbers(built: Path, on: str) -
     got, want = (_numbers(built / rd.ATTACKS_DIR / f"{n}-{on}.json") for n in ("k", "ref"))
     assert got == want
     assert got["evaluations"] and all(e["robust_mask"] for e in got["evaluations"] if on == "sw")
+    clean(built)
+
+
+def test_faults_killed_then_rerun_gives_the_same_numbers(built: Path) -> None:
+    args = ["faults", str(built), "--board", "Pynq-Z1", "--rate", "1e-3", "--trials", "2", "--n", "16",
+            "--seed", "3", "--quiet"]  # fmt: skip
+    killed(built, *args, "--name", "k", at="k.json")
+    assert not (built / "faults" / "k.json").exists()
+    ok(*args, "--name", "k")
+    ok(*args, "--name", "ref")
+    got, want = (json.loads((built / "faults" / f"{n}.json").read_text())["random"] for n in ("k", "ref"))
+    for r in (got, want):
+        for rate in r["rates"]:
+            rate.pop("wall_s")
+    assert got == want and got["rates"][0]["trials"] == 2
     clean(built)
