@@ -17,6 +17,7 @@ import pytest
 from hw_dq import run as rd
 from hw_dq.cli.main import main
 from hw_dq.errors import HwDqError
+from hw_dq.lock import _proc_start
 from tests.conftest import ROOT, assert_one_line_error, copy_fixture_run
 
 HOLD = "import sys, time\nfrom hw_dq.run import run_lock\nwith run_lock(sys.argv[1], 'attack'):\n    time.sleep(120)\n"
@@ -123,7 +124,7 @@ def test_reused_pid_is_not_mistaken_for_the_holder(tmp_path: Path) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "verb": "attack", "proc_start": "1", "started": "x"}
     lock.write_text(json.dumps(info))
     assert rd.lock_is_stale(lock)
-    lock.write_text(json.dumps({**info, "proc_start": rd._proc_start(os.getpid())}))
+    lock.write_text(json.dumps({**info, "proc_start": _proc_start(os.getpid())}))
     assert not rd.lock_is_stale(lock)
 
 
