@@ -154,9 +154,14 @@ def guard(run_dir: str | Path | None = None, verb: str = "hw-dq") -> Iterator[No
         if e.errno not in DISK_ERRORS:
             raise
         where = f" ({e.filename})" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what, fix = "write", "free space or choose another folder"
+        elif e.errno == errno.EROFS:
+            what, fix = "write", "choose a writable folder"
+        else:
+            what, fix = "access", "fix its permissions or choose another folder"
         raise HwDqError(
-            f"cannot write{where}: {DISK_ERRORS[e.errno]}; free space or choose a writable folder "
-            "(every file written before is intact)"
+            f"cannot {what}{where}: {DISK_ERRORS[e.errno]}; {fix} (every file written before is intact)"
         ) from None
 
 

@@ -107,7 +107,7 @@ def test_writer_failing_mid_write(
 
     monkeypatch.setattr(rd.os, "fsync", failing_fsync)
     proc = _main(capsys, "attack", str(run), *ATTACK, "--name", "old", "--force")
-    assert_one_line_error(proc, "cannot write", rd.DISK_ERRORS[code])
+    assert_one_line_error(proc, "cannot", "old.json", rd.DISK_ERRORS[code], "intact")
     assert _snapshot(run) == before
     assert not list(run.rglob("*.tmp")) and not (run / rd.LOCK_FILE).exists()
 
