@@ -135,6 +135,31 @@ def test_flip_on_simulator_equals_finn_execution(build, images, kind):
     assert np.array_equal(fb.clean(x).numpy().reshape(len(x), -1), clean), "the clean build was altered"
 
 
+def test_in_place_edit_falls_back_to_reloading_and_restores(build, images, monkeypatch):
+    """An edit the fused path cannot take (here: _fused_conv refusing, as for a too-wide accumulator) is run on
+    a re-loaded model; either way the loaded simulator is the clean one again afterwards."""
+    from qonnx.core.datatype import DataType
+
+    if "w2a2" not in build.name:
+        pytest.skip("one bit width is enough")
+    fb = _fb(build)
+    x = images[0][:16]
+    clean = fb.clean(x).numpy()
+    fused = [st for st in fb.clean.steps if len(st.nodes) == 2]
+    assert fused, "the tiny CNN's convolutions run fused: nothing to fall back from otherwise"
+    m = next(mm for mm in fb.memories if mm.kind == "weights" and mm.tensor == fused[0].nodes[1].input[1])
+    edits = {m.tensor: flip_values(fb.values(m), np.arange(30), np.full(30, m.bits - 1), DataType[m.dtype])}
+    want = fb.simulator(edits)(x).numpy()
+    assert not np.array_equal(want, clean)
+    with fb.edited(edits) as sim:
+        assert sim is fb.clean and np.array_equal(sim(x).numpy(), want)
+    monkeypatch.setattr(fb.clean, "_fused_conv", lambda *args: None)
+    with fb.edited(edits) as sim:
+        assert sim is not fb.clean and np.array_equal(sim(x).numpy(), want)
+    monkeypatch.undo()
+    assert np.array_equal(fb.clean(x).numpy(), clean)
+
+
 # ------------------------------------------------------------------ random mode
 def test_rate_zero_is_clean_and_upsets_hurt(build, images):
     if "w2a2" not in build.name:
