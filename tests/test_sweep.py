@@ -121,16 +121,19 @@ def test_report_front_plots_and_relative_paths(resumed: dict) -> None:
 
 
 def test_pruner_stops_hopeless_trials() -> None:
-    from hw_dq.experiments.sweep.spec import load_spec
+    from dataclasses import replace
+
+    from hw_dq.experiments.sweep.spec import Pruner, load_spec
     from hw_dq.experiments.sweep.trial import should_prune
 
-    spec = load_spec(ROOT / "hw_dq" / "configs" / "sweep_pynq_cpu.yaml")
+    spec = replace(load_spec(TINY), pruner=Pruner(percentile=25, n_startup=4, warmup_epochs=1, margin=0.02))
     finished = [[0.30, 0.40], [0.32, 0.42], [0.28, 0.38], [0.35, 0.45]]
     assert should_prune(spec, 1, 0.11, [])  # chance level: hopeless at once
     assert not should_prune(spec, 1, 0.25, finished[:3])  # too few finished trials to compare with
     assert should_prune(spec, 1, 0.25, finished)  # below the 25th percentile at epoch 1 (0.295)
     assert not should_prune(spec, 1, 0.30, finished)
     assert not should_prune(spec, 2, 0.40, finished) and should_prune(spec, 2, 0.39, finished)  # 0.395
+    assert not should_prune(replace(spec, pruner=Pruner(enabled=False)), 1, 0.0, finished)
 
 
 BAD_SPECS = [
