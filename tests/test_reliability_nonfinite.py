@@ -141,3 +141,33 @@ def test_results_with_non_finite_numbers_are_refused() -> None:
         node[leaf] = value
         with pytest.raises(SchemaError, match=leaf):
             validate(rec, "r.json")
+
+
+def test_a_qonnx_file_with_a_nan_initializer_is_refused_by_name(tmp_path: Path) -> None:
+    """build --onnx on a model whose weights hold NaN: one line naming the initializer, not a mismatch later."""
+    from hw_dq.errors import BuildError
+    from hw_dq.fpga.build import load_qonnx
+
+    w = np.ones((4, 2), np.float32)
+    w[1, 0] = np.nan
+    inits = [numpy_helper.from_array(w, "W")] + [
+        numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s", 1.0), ("z", 0.0), ("b", 4.0))
+    ]
+    quant = helper.make_node("Quant", ["x", "s", "z", "b"], ["q"], domain="qonnx.custom_op.general",
+                             signed=1, narrow=0, rounding_mode="ROUND")  # fmt: skip
+    graph = helper.make_graph(
+        [quant, helper.make_node("MatMul", ["q", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("qonnx.custom_op.general", 1)])  # fmt: skip
+    path = tmp_path / "nan.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BuildError, match="initializer 'W' holds NaN or Inf"):
+        load_qonnx(path)
+    w[1, 0] = 0.5  # the same graph, finite: gets past the check (to the float-weights refusal)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BuildError, match="float weights"):
+        load_qonnx(path)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hw_dq import run as rd
 from hw_dq.errors import BuildError, HwDqError
 from hw_dq.fpga import finn_compat, folding
 from hw_dq.fpga.boards import Board, get_board
@@ -45,6 +46,11 @@ ESTIMATE_STEPS = (
 
 
 # ---------------------------------------------------------------- input validation
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a handle: np.save would append .npy to the scratch name
+        np.save(f, arr.astype(np.float32), allow_pickle=False)
+
+
 def load_qonnx(path: str | Path) -> Any:
     """Load and check a QONNX file: one-line errors for missing, truncated, non-QONNX, float."""
     import onnx
@@ -66,6 +72,10 @@ def load_qonnx(path: str | Path) -> Any:
             f"{path} is not a QONNX model (no Quant/BipolarQuant nodes: float weights and activations); "
             "FINN maps only quantized models - export a quantized run with 'hw-dq export'"
         )
+    for init in model.graph.initializer:  # a NaN/Inf weight or scale would only surface as a verification mismatch
+        arr = model.get_initializer(init.name)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BuildError(f"{path}: initializer {init.name!r} holds NaN or Inf values; re-export a finite model")
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1 and model.get_initializer(node.input[1]) is not None:
             raise BuildError(
@@ -351,8 +361,8 @@ def _verification_vectors(
             raise BuildError(f"the model's input shape {shape} does not take the sample images {list(x.shape[1:])}")
         vin = to_uint8(x)
         vout = execute(model, vin)
-    np.save(out / SAMPLE_INPUT, vin.astype(np.float32))
-    np.save(out / SAMPLE_OUTPUT, vout.astype(np.float32))
+    for name, arr in ((SAMPLE_INPUT, vin), (SAMPLE_OUTPUT, vout)):
+        rd.atomic_write(out / name, lambda p, a=arr: _save_npy(p, a))
     return vin.astype(np.float32), vout.astype(np.float32)
 
 

@@ -61,7 +61,7 @@ def finish_build(b: BuildOutcome) -> dict[str, Any]:
     from finn.util.config import extract_model_config_to_json
 
     model, cfg, board, out, est = b.model, b.cfg, b.board, b.out, b.est
-    model.save(str(out / rd.DATAFLOW_MODEL))
+    rd.atomic_write(out / rd.DATAFLOW_MODEL, lambda p: model.save(str(p)))  # a killed build leaves no half model
     parent = Path(cfg.get_intermediate_models_directory()) / "dataflow_parent.onnx"
     if parent.is_file():
         shutil.copyfile(parent, out / "dataflow_parent.onnx")

@@ -273,6 +273,8 @@ def fit(
         _restore_model(model, resumed, run / rd.CHECKPOINT)
         start_epoch, start_step, sums = meta["epoch"], meta["step"], meta.get("sums", {})
         if meta.get("done"):
+            if dist_.main and not (run / rd.MODEL).is_file():  # killed between the last checkpoint and the weights
+                _finish_best(model, cfg, run, data)
             model.eval()
             return model, (rd.read_jsonl(run / rd.METRICS) or [{}])[-1]
     opt = torch.optim.SGD(
@@ -404,12 +406,17 @@ def fit(
             if on_epoch is not None:
                 on_epoch(row)
     if dist_.main:
-        if data.holdout is not None and cfg.keep_best and (run / BEST).is_file():
-            tensors, _ = rd.load_tensors(run / BEST)
-            rd.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, run / BEST)
-        finish(model, cfg, run, data)
+        _finish_best(model, cfg, run, data)
     model.eval()
     return model, row
+
+
+def _finish_best(model: nn.Module, cfg: TrainConfig, run: Path, data: _Data) -> None:
+    """The final weights: the best held-out epoch's when kept (robust training), else the last."""
+    if data.holdout is not None and cfg.keep_best and (run / BEST).is_file():
+        tensors, _ = rd.load_tensors(run / BEST)
+        rd.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, run / BEST)
+    finish(model, cfg, run, data)
 
 
 BEST = "best_robust.safetensors"
