@@ -15,13 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from hw_dq.provenance import cpu_model as model
+
+    return model()
 
 
 def git_commit() -> str:

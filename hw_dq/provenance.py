@@ -44,7 +44,8 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _cpu() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -61,7 +62,7 @@ def device_name(device: str | None) -> str:
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(torch.device(device))
-    return _cpu()
+    return cpu_model()
 
 
 @functools.lru_cache(maxsize=1)
