@@ -79,7 +79,8 @@ def train(
         resume: continue a killed run from its last checkpoint.
         progress: print per-epoch progress.
         **options: any :class:`hw_dq.train.config.TrainConfig` field, overriding the config
-            (``model="tiny"``, ``wbits=2``, ``beta=3e-4``, ``epochs=1``, ``train_subset=512``,
+            (``model="tiny"``, ``wbits=2``, ``beta=1e-4`` with ``lipschitz_target="bn_folded"`` (the
+            recommended DQ setting), ``epochs=1``, ``train_subset=512``,
             ``model="package.module:ClassName"`` with ``model_args={...}`` for your own network).
 
     Returns:
