@@ -90,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                          f"({pynq['own_optuna_s_per_trial']:.2f} s / {pynq['own_trial_s_per_trial']:.0f} s)",
                          f"{100 * pynq['own_fraction']:.3f}%"])  # fmt: skip
     table = md_table(["quantity", "value"], rows)
+    verdict = f"{a.spec}'s {per_trial:.0f} s trials: {100 * ratio:.2f}% ({'met' if ratio <= 0.01 else 'NOT met'})"
+    if pynq and pynq.get("own_fraction") is not None:
+        f = pynq["own_fraction"]
+        verdict += (f"; the committed Pynq-Z1 sweep ({pynq['own_workers']} workers, {pynq['own_trials']} trials, "
+                    f"its own accounting): {100 * f:.2f}% ({'met' if f <= 0.01 else 'NOT met'})")  # fmt: skip
+        data["committed_meets_goal"] = f <= 0.01
     md = (
         f"# Sweep: Optuna's overhead per trial\n\n{a.spec} SPEC, {n} trials, SQLite study; wall {wall:.0f} s. "
-        f"Goal: at most 1% of a trial's time: {'met' if ratio <= 0.01 else 'NOT met'}.\n\n{table}\n\n"
+        f"Goal, at most 1% of a trial's time: {verdict}.\n\n{table}\n\n"
         f"Machine: {machine_line(m)}.\n\nCommand: `.venv/bin/python -m benchmarks.sweep_overhead "
         f"--spec {a.spec} --n-trials {a.n_trials}`\n"
     )
