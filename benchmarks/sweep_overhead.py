@@ -32,7 +32,7 @@ def committed_sweep(per_optuna: float) -> dict | None:
     mean = sum(sum(r["summary"]["timing_s"].values()) for r in rows) / max(1, len(rows))
     out = {"mean_trial_s": mean, "this_overhead_fraction": per_optuna / mean if mean else None}
     workers = [json.loads(p.read_text()) for p in sorted((d / "timing").glob("*.json"))]
-    n = sum(w["trials"] for w in workers)
+    n = int(sum(w["trials"] for w in workers))
     if n:
         opt, trial = sum(w["optuna_s"] for w in workers) / n, sum(w["trial_s"] for w in workers) / n
         out.update(own_optuna_s_per_trial=opt, own_trial_s_per_trial=trial, own_fraction=opt / trial,
