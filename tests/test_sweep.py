@@ -103,7 +103,7 @@ def test_report_front_plots_and_relative_paths(resumed: dict) -> None:
     from hw_dq.experiments.sweep.pareto import dominates
 
     out = resumed["out"]
-    proc = run_cli("sweep", str(out), "--report", "--min-fps", "1000", timeout=120)
+    proc = run_cli("sweep", str(out), "--report", "--min-fps", "1000", "--final", timeout=300)
     assert proc.returncode == 0, proc.stderr
     for png in ("pareto_robust_fps.png", "pareto_robust_lut.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -117,7 +117,12 @@ def test_report_front_plots_and_relative_paths(resumed: dict) -> None:
     for r in rows:  # the table is exactly the non-dominated set
         dominated = any(dominates(q["summary"], r["summary"], objectives) for q in rows if q is not r)
         assert (r in front) == (not dominated), (r["number"], report)
-    assert "Pynq-Z1: trial" in report and "proxy only" in report
+    assert "Pynq-Z1: trial" in report and "re-evaluates the front with square + transfer-pgd on 16" in report
+    for r in front:  # --final: the SPEC's final standard on each point of the front, in its run directory
+        final = json.loads((out / r["run_dir"] / "attacks" / "final-hw.json").read_text())
+        assert [e["attack"] for e in final["evaluations"]] == ["square", "transfer-pgd"]
+        assert final["headline"]["robust_acc"] <= final["clean_acc"]
+        assert f"| {100 * final['headline']['robust_acc']:.1f}% |" in report.split(f"| {r['number']} | `")[1]
 
 
 def test_pruner_stops_hopeless_trials() -> None:
