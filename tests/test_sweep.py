@@ -184,3 +184,11 @@ def test_unreachable_storage_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(proc, "cannot open the study storage", "127.0.0.1:9")
     assert "secret" not in proc.stderr
     assert_one_line_error(run_cli("sweep", str(tmp_path), "--report"), "not a sweep folder")
+
+
+def test_misused_flags_and_another_spec_are_one_line(resumed: dict, tmp_path: Path) -> None:
+    out = resumed["out"]
+    assert_one_line_error(run_cli("sweep", str(out), "--report", "--min-fps", "-5"), "invalid --min-fps -5")
+    assert_one_line_error(run_cli("sweep", str(TINY), "--out", str(out), "--final"), "go with --report")
+    other = _spec_file(tmp_path, {"seed": 1})  # the same study name, another SPEC
+    assert_one_line_error(run_cli("sweep", str(other), "--out", str(out)), "holds a sweep of another SPEC")
