@@ -291,34 +291,45 @@ def plot_faults(paths: Sequence[str | Path], out: str | Path) -> Path:
     from hw_dq.run import atomic_write
 
     results = load_fault_results(paths)
+    runs = list(dict.fromkeys(r["run_dir"] for r in results))
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    color = {d: cmap(i % cmap.N) for i, d in enumerate(runs)}  # one colour per run, in both panels
     fig, (ax_f, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
+    baseline = False
     for r in results:
         label = f"{Path(r['run_dir']).name} ({r['mode']} w{r['wbits']}a{r['abits']})"
+        c = color[r["run_dir"]]
         if "targeted" in r:
             t = r["targeted"]
-            ks = [0] + [c["flip"] for c in t["curve"]]
-            line = ax_f.plot(ks, [100 * r["clean_acc"]] + [100 * c["acc"] for c in t["curve"]], "o-", label=label)[0]
+            ks = [0] + [x["flip"] for x in t["curve"]]
+            ax_f.plot(ks, [100 * r["clean_acc"]] + [100 * x["acc"] for x in t["curve"]], "o-", color=c, label=label)
             base = t["baseline_random"]["acc_mean"]
             if base:
-                ax_f.plot(ks, [100 * r["clean_acc"]] + [100 * b for b in base], "--", color=line.get_color(),
-                          label=f"{label}, random flips")  # fmt: skip
+                ax_f.plot(ks, [100 * r["clean_acc"]] + [100 * b for b in base], "--", color=c)
+                baseline = True
         if "random" in r:
             rr = r["random"]["rates"]
             pos = [e for e in rr if e["rate"] > 0]
             if pos:
                 ax_r.errorbar([e["rate"] for e in pos], [100 * e["acc_mean"] for e in pos],
-                              yerr=[100 * e["ci95"] for e in pos], marker="o", capsize=3,
+                              yerr=[100 * e["ci95"] for e in pos], marker="o", capsize=3, color=c,
                               label=f"{label}, {r['random']['target']}")  # fmt: skip
+    if baseline:
+        ax_f.plot([], [], "k--", label="dashed: random flips of the same count")
     ax_f.set(xlabel="bit flips (Bit-Flip Attack)", ylabel="accuracy on the accelerator (%)", title="targeted")
     ax_r.set(xlabel="upset rate per stored bit", ylabel="accuracy (%), 95% CI", title="random upsets")
     ax_r.set_xscale("log")
+    many = len(runs) > 4  # legends below the panels, where they cover no curve
     for ax in (ax_f, ax_r):
         ax.axhline(10, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            if many:
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+            else:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     dest = Path(out)
-    atomic_write(dest, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(dest, lambda p: fig.savefig(p, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)
     return dest
