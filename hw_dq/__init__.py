@@ -15,7 +15,19 @@ warnings.filterwarnings("ignore", message="fast_hadamard_transform package not f
 # The Python API (hw_dq.api), imported on first use so that 'import hw_dq' stays cheap. Its ``train``
 # is not re-exported here: ``hw_dq.train`` is the training subpackage, and a name that is a function
 # or a module depending on what was imported before would be a trap; use ``hw_dq.api.train``.
-_API = ("TrainResult", "attack", "attack_hw", "build", "certify", "export", "faults", "reproduce", "simulate")
+_API = (
+    "TrainResult",
+    "attack",
+    "attack_hw",
+    "build",
+    "certify",
+    "export",
+    "faults",
+    "reproduce",
+    "simulate",
+    "sweep",
+    "sweep_report",
+)
 
 
 def __getattr__(name: str):  # noqa: ANN202 - module-level lazy attribute (PEP 562)

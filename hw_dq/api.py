@@ -39,6 +39,8 @@ __all__ = [
     "faults",
     "reproduce",
     "simulate",
+    "sweep",
+    "sweep_report",
     "train",
 ]
 
@@ -366,3 +368,25 @@ def reproduce(
     names = only if only is None or isinstance(only, str) else ",".join(only)
     return run_reproduce(_path(out if out is not None else DEFAULT_OUT), scale=scale, data_dir=data_dir,
                          only=names, dry_run=dry_run, progress=progress)  # fmt: skip
+
+
+def sweep(spec: str | Path, out: RunLike, *, storage: str | None = None, progress: bool = False) -> dict[str, int]:
+    """Search the robustness x FPGA-cost Pareto front with Optuna (``hw-dq sweep SPEC --out DIR``).
+
+    Runs trials until the study holds the SPEC's ``n_trials`` finished ones; calling it again
+    continues the same study. ``storage`` (``postgresql://...``) lets any number of calls, on any
+    machines, share one study (default: SQLite under ``out``). Returns the trials' state counts.
+    """
+    from hw_dq.experiments.sweep import sweep as run_sweep
+
+    return run_sweep(spec, _path(out), storage=storage, progress=progress)
+
+
+def sweep_report(sweep_dir: RunLike, *, min_fps: float = 0.0, final: bool = False,
+                 storage: str | None = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The Pareto front of a sweep folder (``hw-dq sweep DIR --report``): ``report.md``, the PNG plots
+    and the best point per board for ``min_fps``; ``final`` re-evaluates the front with the SPEC's
+    full evaluation standard first."""
+    from hw_dq.experiments.sweep import report
+
+    return report(_path(sweep_dir), storage=storage, min_fps=min_fps, final=final, progress=progress)

@@ -75,3 +75,16 @@ def test_api_user_errors_are_hwdq_errors(tmp_path: Path) -> None:
         api.faults(tmp_path)
     with pytest.raises(ConfigError, match="unknown config key|unknown option"):
         api.train(tmp_path / "r", no_such_option=1)
+
+
+def test_the_sweep_is_in_the_api_and_refuses_a_bad_spec(tmp_path) -> None:
+    import hw_dq
+    from hw_dq import api
+    from hw_dq.errors import ConfigError
+
+    assert hw_dq.sweep is api.sweep and hw_dq.sweep_report is api.sweep_report
+    bad = tmp_path / "spec.json"
+    bad.write_text('{"no_such_key": 1}')
+    with pytest.raises(ConfigError, match="no_such_key"):
+        api.sweep(bad, tmp_path / "sweep")
+    assert not (tmp_path / "sweep" / "study.db").exists()

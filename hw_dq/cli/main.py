@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hw-dq: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("hw-dq: interrupted (a run directory can be continued with --resume)", file=sys.stderr)
+        how = ("run the same command again to continue it" if args.cmd in ("sweep", "reproduce", "attack", "faults")
+               else "a training run continues with --resume")  # fmt: skip
+        print(f"hw-dq: interrupted ({how})", file=sys.stderr)
         return 130
 
 
