@@ -192,3 +192,33 @@ def test_misused_flags_and_another_spec_are_one_line(resumed: dict, tmp_path: Pa
     assert_one_line_error(run_cli("sweep", str(TINY), "--out", str(out), "--final"), "go with --report")
     other = _spec_file(tmp_path, {"seed": 1})  # the same study name, another SPEC
     assert_one_line_error(run_cli("sweep", str(other), "--out", str(out)), "holds a sweep of another SPEC")
+
+
+def test_a_point_proposed_again_reuses_its_results_and_stands_once_on_the_front() -> None:
+    """NSGA-II may propose a finished point again in a small space: no second training, one front row."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from hw_dq.experiments.sweep.pareto import collect, front
+    from hw_dq.experiments.sweep.study import _same_point
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    dist = {"abits": CategoricalDistribution([1, 2])}
+    summaries = [{"robust": 0.1, "clean": 0.5}, {"robust": 0.3, "clean": 0.3}]  # neither dominates
+    for n, (abits, sm) in enumerate(zip((2, 1), summaries, strict=True)):
+        attrs = {"run_dir": f"trials/t{n:04d}", "summary": sm}
+        trial = optuna.trial.create_trial(params={"abits": abits}, distributions=dist,
+                                          values=[sm["robust"], sm["clean"]], user_attrs=attrs)  # fmt: skip
+        study.add_trial(trial)
+    study.enqueue_trial({"abits": 2})
+    again = study.ask()
+    again.suggest_categorical("abits", [1, 2])
+    twin = _same_point(study, again)
+    assert twin is not None and twin.number == 0
+    for k, v in {"duplicate_of": 0, "run_dir": "trials/t0000", "summary": summaries[0]}.items():
+        again.set_user_attr(k, v)
+    study.tell(again, [0.1, 0.5])
+    assert _same_point(study, study.ask()) is None  # a fresh trial with no parameters yet matches nothing
+    rows = [{**r, "feasible": True} for r in collect(study) if r["state"] == "COMPLETE"]
+    assert len(rows) == 3 and sorted(r["number"] for r in front(rows, ("robust", "clean"))) == [0, 1]

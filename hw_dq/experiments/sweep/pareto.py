@@ -19,7 +19,8 @@ def collect(study: Any) -> list[dict[str, Any]]:
             continue
         row = {"number": t.number, "state": t.state.name, "run_dir": t.user_attrs.get("run_dir"),
                "wall_s": t.user_attrs.get("wall_s"), "curve": t.user_attrs.get("curve", []),
-               "error": t.user_attrs.get("error"), "params": dict(t.params)}  # fmt: skip
+               "error": t.user_attrs.get("error"), "params": dict(t.params),
+               "duplicate_of": t.user_attrs.get("duplicate_of")}  # fmt: skip
         if t.state.name == "COMPLETE":
             row["summary"] = t.user_attrs["summary"]
             row["feasible"] = all(c <= 0 for c in t.constraints.values())
@@ -41,7 +42,8 @@ def dominates(a: dict[str, Any], b: dict[str, Any], objectives: tuple[str, ...])
 
 def front(rows: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
     """The feasible complete trials that no other feasible complete trial dominates."""
-    pts = [r for r in rows if r["state"] == "COMPLETE" and r.get("feasible")]
+    # a trial that repeated a finished point stands once on the front (as the trial that ran it)
+    pts = [r for r in rows if r["state"] == "COMPLETE" and r.get("feasible") and r.get("duplicate_of") is None]
     return [r for r in pts if not any(dominates(q["summary"], r["summary"], objectives) for q in pts if q is not r)]
 
 

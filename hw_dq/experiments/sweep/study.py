@@ -270,10 +270,18 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             params = tr.suggest(trial, spec.space)
-            say(f"trial {trial.number} ({rel}): {params}")
+            twin = _same_point(study, trial)
+            if twin is not None:  # the sampler proposed a finished point again: its results, not a rerun
+                trial.set_user_attr("duplicate_of", twin.number)
+                trial.set_user_attr("run_dir", twin.user_attrs["run_dir"])
+                summary = twin.user_attrs["summary"]
+                say(f"trial {trial.number}: the same point as trial {twin.number}; its results are reused")
+            else:
+                say(f"trial {trial.number} ({rel}): {params}")
             t_run = time.perf_counter()
             try:
-                summary = tr.run_trial(spec, out / rel, params, on_epoch, say)
+                if twin is None:
+                    summary = tr.run_trial(spec, out / rel, params, on_epoch, say)
             finally:  # the trial's own time: its stages, less the pruner's storage calls
                 TIMING["_last_trial_s"] = time.perf_counter() - t_run - hook_s[0]
                 TIMING["trial_s"] += TIMING["_last_trial_s"]
@@ -298,6 +306,16 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
     trial.set_user_attr("wall_s", time.time() - t0)
     study.tell(trial, tr.objective_values(spec, summary))
     return "COMPLETE", ""
+
+
+def _same_point(study: Any, trial: Any) -> Any:
+    """A complete trial (not itself a copy) with exactly ``trial``'s parameters, or None."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and t.params == trial.params and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
 
 
 def _write_timing(out: Path) -> None:
