@@ -199,3 +199,40 @@ def test_the_default_output_is_a_fresh_folder_under_runs_not_the_committed_resul
 
     assert inspect.signature(reproduce).parameters["out"].default == DEFAULT_OUT
     assert DEFAULT_OUT.startswith("runs/") and "benchmarks" not in DEFAULT_OUT
+
+
+@pytest.mark.slow  # two micro reproductions without hardware columns: 1-3 min on 2 shared cores
+def test_reproduce_killed_mid_attack_then_rerun_gives_the_uninterrupted_numbers(tmp_path):
+    """SIGKILL just before the first model's results file is renamed in; the same command again finishes,
+    with the numbers of an uninterrupted run and no scratch file left behind."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    scale = dataclasses.replace(MICRO, hw_board=None, squeezers=[], abits=[2], n_amplification=8)
+    spec = tmp_path / "scale.json"
+    spec.write_text(json.dumps(dataclasses.asdict(scale)))
+
+    def cli(out, kill=None):
+        env = {k: v for k, v in os.environ.items() if k != "HW_DQ_TEST_KILL_AT"}
+        if kill:
+            env["HW_DQ_TEST_KILL_AT"] = kill
+        argv = [sys.executable, "-m", "hw_dq.cli", "reproduce", "--scale", str(spec), "--out", str(out), "--quiet"]
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    killed = cli(tmp_path / "killed", kill="robustness.json")
+    assert killed.returncode == -9, killed.stderr  # SIGKILL
+    assert not (tmp_path / "killed" / "runs" / "fp" / "attacks" / "robustness.json").exists()
+    assert cli(tmp_path / "killed").returncode == 0
+    assert cli(tmp_path / "ref").returncode == 0
+
+    def numbers(out):
+        return {(r["run_dir"].split("/")[-1], r["name"], e["attack"], e["eps"]): (e["robust_acc"], e.get("robust_mask"))
+                for r in load([out / "runs"]) for e in r["evaluations"]}  # fmt: skip
+
+    got, want = numbers(tmp_path / "killed"), numbers(tmp_path / "ref")
+    assert got == want and len(want) > 10
+    assert not [p for p in (tmp_path / "killed").rglob("*.tmp")]

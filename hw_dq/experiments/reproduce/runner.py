@@ -82,6 +82,10 @@ def reproduce(
     from hw_dq.robust.sanity import SanityConfig
     from hw_dq.train.loop import train
 
+    if out.is_dir():  # scratch files of a killed earlier run (those of live parallel --only processes stay)
+        from hw_dq.lock import remove_dead_scratch
+
+        remove_dead_scratch(out)
     rd.write_json(out / "scale.json", asdict(s))
     # standard: AttackParams' defaults are AutoAttack's own budgets; reduced: the scale's
     params = (

@@ -43,6 +43,10 @@ def sweep(
         if old.digest != spec.digest:
             raise ConfigError(f"{out} holds a sweep of another SPEC; rerun with that SPEC or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    from hw_dq.lock import remove_dead_scratch
+
+    if storage is None:  # one machine: a killed worker's half-written files (live workers' stay); with a
+        remove_dead_scratch(out)  # shared study, a PID on this machine says nothing about another's writers
     url = storage or default_storage(out)
     study = open_study(spec, url, shared=storage is not None)
     write_state(out, spec, url)
