@@ -180,3 +180,18 @@ def test_faults_killed_then_rerun_gives_the_same_numbers(built: Path) -> None:
             rate.pop("wall_s")
     assert got == want and got["rates"][0]["trials"] == 2
     clean(built)
+
+
+def test_certify_killed_then_rerun_gives_the_same_numbers(built: Path) -> None:
+    args = ["certify", str(built), "--board", "Pynq-Z1", "--eps", "0,1,2", "--n", "32", "--seed", "3", "--quiet"]
+    killed(built, *args, "--name", "ck", at="ck.json")
+    assert not (built / "attacks" / "ck.json").exists()
+    ok(*args, "--name", "ck")
+    ok(*args, "--name", "cref")
+
+    def certified(name: str) -> list:
+        r = json.loads((built / "attacks" / f"{name}.json").read_text())
+        return [(e["eps"], e["robust_acc"], e.get("robust_mask")) for e in r["evaluations"]]
+
+    assert certified("ck") == certified("cref") and len(certified("ck")) == 3
+    clean(built)
