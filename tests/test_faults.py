@@ -232,6 +232,7 @@ def test_cli_results_plot_and_errors(build, tmp_path):
     assert ok.returncode == 0, ok.stderr
     saved = json.loads((build / "faults" / "faults-random-all.json").read_text())
     assert saved["target"] == "hw-faults" and saved["n_examples"] == 32
+    assert saved["provenance"]["seed"] == 0 and saved["provenance"]["libraries"]["finn-plus"]
     assert saved["random"]["rates"][0]["acc_mean"] == saved["clean_acc"]
     assert saved["stored_bits"]["weights"] == sum(r["weights"] for r in saved["memories"]) > 0
     from hw_dq.robust import results as res

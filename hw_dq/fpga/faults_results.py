@@ -45,6 +45,7 @@ def _check_args(mode: str, rates: Sequence[float], flips: int, trials: int, n: i
 
 
 def _header(run: Path, cfg: dict[str, Any], name: str, dataset: str, n: int, seed: int, clean: float) -> dict:
+    from hw_dq.provenance import provenance
     from hw_dq.robust.results import now
     from hw_dq.version import __version__
 
@@ -60,7 +61,7 @@ def _header(run: Path, cfg: dict[str, Any], name: str, dataset: str, n: int, see
         "clean_acc": clean, "evaluations": [], "headline": {"eps": 0.0, "robust_acc": None, "attack": None},
         "sanity": {"verdict": "incomplete", "checks": [{"name": "gradient masking", "status": "skip",
                    "evidence": "fault injection in the accelerator's memories, not an input attack"}]},
-        "target": TARGET,
+        "target": TARGET, "provenance": provenance("cpu", seed),  # the simulator runs on the CPU
     }  # fmt: skip
 
 
