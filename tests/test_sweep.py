@@ -222,3 +222,10 @@ def test_a_point_proposed_again_reuses_its_results_and_stands_once_on_the_front(
     assert _same_point(study, study.ask()) is None  # a fresh trial with no parameters yet matches nothing
     rows = [{**r, "feasible": True} for r in collect(study) if r["state"] == "COMPLETE"]
     assert len(rows) == 3 and sorted(r["number"] for r in front(rows, ("robust", "clean"))) == [0, 1]
+
+
+def test_without_out_the_sweep_goes_to_a_fresh_folder_under_runs(tmp_path: Path) -> None:
+    proc = run_cli("sweep", str(TINY), "--quiet", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "runs" / "sweep" / "tiny" / "study.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written anywhere else

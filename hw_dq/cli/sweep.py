@@ -25,8 +25,10 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         return 0
     if a.final or a.min_fps is not None:
         raise ConfigError("--final and --min-fps go with --report (hw-dq sweep SWEEP_DIR --report)")
-    if a.out is None:
-        raise ConfigError("give the sweep folder: hw-dq sweep SPEC --out SWEEP_DIR")
+    if a.out is None:  # a fresh folder under runs/, named after the study (never the committed results)
+        from hw_dq.experiments.sweep import load_spec
+
+        a.out = str(Path("runs") / "sweep" / load_spec(a.target).name)
     counts = sweep(a.target, a.out, storage=a.storage, progress=not a.quiet)
     print(f"done: {a.out} ({', '.join(f'{k.lower()} {v}' for k, v in sorted(counts.items()))}); "
           f"report: hw-dq sweep {a.out} --report")  # fmt: skip
@@ -44,7 +46,11 @@ def register(sub: Any) -> None:
     s.add_argument("target", metavar="SPEC|SWEEP_DIR",
                    help="a SPEC file (JSON/YAML, or a shipped name: sweep_tiny, sweep_pynq_cpu); with --report "
                    "the sweep folder")  # fmt: skip
-    s.add_argument("--out", metavar="SWEEP_DIR", help="sweep folder: run directories, the SQLite study, the report")
+    s.add_argument(
+        "--out",
+        metavar="SWEEP_DIR",
+        help="sweep folder: run directories, the SQLite study, the report (default: runs/sweep/<the SPEC's name>)",
+    )
     s.add_argument("--storage", metavar="URL",
                    help="a shared study (postgresql://USER:PASS@HOST:PORT/DB): every worker given it joins the same "
                    "study (default: SQLite SWEEP_DIR/study.db)")  # fmt: skip
