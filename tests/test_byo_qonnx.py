@@ -86,3 +86,17 @@ def test_bare_build_errors_are_one_line(build: tuple[Path, Path], tmp_path: Path
         run_cli("attack", str(out), "--on", "hw", "--attacks", "transfer-pgd", "--n", "4"), "square or hsj"
     )
     assert_one_line_error(run_cli("certify", str(tmp_path), "--n", "4"), "nor a FINN build folder")
+
+
+def test_board_of_a_bare_build_is_checked(build: tuple[Path, Path]) -> None:
+    """--board with a build folder: another board is refused in one line, the folder's own board is accepted."""
+    _, out = build
+    for verb in (("attack", str(out), "--on", "hw", "--attacks", "square"), ("certify", str(out))):
+        assert_one_line_error(run_cli(*verb, "--board", "ZCU104", "--n", "4"), "is for board Pynq-Z1", "not ZCU104")
+    proc = run_cli("certify", str(out), "--board", "pynq-z1", "--eps", "2", "--n", "4", "--name", "board-ok")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "attacks" / "board-ok.json").read_text())["n_examples"] == 4
+    proc = run_cli("attack", str(out), "--on", "hw", "--board", "Pynq-Z1", "--attacks", "square", "--square-queries",
+                   "10", "--n", "4", "--name", "board-ok-hw", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "attacks" / "board-ok-hw.json").read_text())["build_dir"] == str(out)

@@ -100,3 +100,42 @@ def test_find_build_matches_board_names_case_insensitively(tmp_path):
     assert find_build(tmp_path / "run", "ZCU104") == build
     with pytest.raises(HwDqError, match="no FINN build .* for board pynq-z1 .builds: ZCU104"):
         find_build(tmp_path / "run", "pynq-z1")
+
+
+def test_a_build_folder_refuses_another_board(tmp_path):
+    """A build folder given directly: --board must be the board its report names (no report: --board refused)."""
+    from hw_dq.errors import HwDqError
+    from hw_dq.run import DATAFLOW_MODEL
+
+    build = tmp_path / "build_mine_ZCU104"
+    build.mkdir()
+    (build / DATAFLOW_MODEL).write_bytes(b"")
+    assert find_build(build) == build
+    with pytest.raises(HwDqError, match="records no board"):
+        find_build(build, "ZCU104")
+    (build / "report.json").write_text(json.dumps({"board": {"name": "ZCU104", "finn_board": "ZCU104"}}))
+    assert find_build(build, "zcu104") == build == find_build(build, "ZCU104")
+    with pytest.raises(HwDqError, match="is for board ZCU104, not Pynq-Z1; drop --board or pass --board ZCU104"):
+        find_build(build, "Pynq-Z1")
+
+
+def test_transfer_autoattack_progress_on_a_terminal_only(tiny_build, tmp_path):
+    """attack --on hw shows the transfer of AutoAttack batch by batch on a terminal; --quiet or a pipe: silent."""
+    import re
+
+    from tests.test_progress import _on_terminal
+
+    args = ("attack", str(tiny_build), "--on", "hw", "--attacks", "transfer-autoattack", "--n", "16",
+            "--batch-size", "8", "--apgd-iters", "2", "--apgd-targets", "1", "--square-queries", "10",
+            "--no-sanity")  # fmt: skip
+    code, err = _on_terminal(*args, "--name", "tty", cwd=tmp_path)
+    assert code == 0, err
+    lines = [s.strip() for s in re.split(r"[\r\n]", err) if "hw transfer-autoattack @ 8/255" in s and "batch" in s]
+    assert lines, err
+    assert re.search(r"batch \d+/\d+ \(\d+ images\), running robust acc [\d.]+%, ETA", lines[0]), lines
+    code, err = _on_terminal(*args, "--name", "quiet", "--quiet", cwd=tmp_path)
+    assert code == 0, err
+    assert "batch" not in err and "ETA" not in err, err
+    piped = run_cli(*args, "--name", "piped")
+    assert piped.returncode == 0, piped.stderr
+    assert "batch" not in piped.stderr and "ETA" not in piped.stderr, piped.stderr

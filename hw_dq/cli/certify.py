@@ -18,7 +18,10 @@ def _levels(text: str) -> list[float]:
 
 def cmd_certify(a: argparse.Namespace) -> int:
     from hw_dq.fpga.certify import certify_run
+    from hw_dq.fpga.hwattack import bare_build, check_board
 
+    if bare_build(a.run_dir):  # a build folder: --board, if given, must be the one it was built for
+        check_board(a.run_dir, a.board)
     r = certify_run(
         a.run_dir, a.eps, board=a.board, n=a.n, seed=a.seed, name=a.name, data=a.data, data_dir=a.data_dir,
         progress=not a.quiet,
@@ -37,7 +40,8 @@ def register(sub: Any) -> None:
     """Add the ``certify`` verb to the ``hw-dq`` sub-parsers."""
     c = sub.add_parser("certify", help="certified accuracy of the built accelerator (interval bounds, exact integers)")
     c.add_argument("run_dir")
-    c.add_argument("--board", help="which build (RUN_DIR/build/BOARD); needed if the run has several")
+    c.add_argument("--board", help="which build (RUN_DIR/build/BOARD); needed if the run has several; "
+                   "with a build folder, its own board or nothing")  # fmt: skip
     c.add_argument("--eps", type=_levels, default=[1.0, 2.0, 4.0, 8.0], help="Linf radii in 1/255 (default 1,2,4,8)")
     c.add_argument("--n", type=int, help="test images (default all)")
     c.add_argument("--seed", type=int, default=0, help="which test images (default 0)")

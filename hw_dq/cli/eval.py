@@ -140,7 +140,8 @@ def register(sub: Any) -> None:
     p.add_argument("run_dir")
     p.add_argument("--on", choices=("sw", "hw"), default="sw",
                    help="sw: the PyTorch model (default); hw: the bit-exact simulation of its FINN build")  # fmt: skip
-    p.add_argument("--board", help="with --on hw: which build of the run (default: its only one)")
+    p.add_argument("--board", help="with --on hw: which build of the run (default: its only one); "
+                   "with a build folder, its own board or nothing")  # fmt: skip
     p.add_argument("--attacks", type=_names, default=None, help="comma list (default fgsm,pgd; with --on hw "
                    "square,transfer-autoattack,hsj); " + ", ".join(SW_ATTACKS)
                    + "; on hw: " + ", ".join(HW_ATTACKS))  # fmt: skip

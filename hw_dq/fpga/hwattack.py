@@ -13,13 +13,10 @@ A deployed accelerator takes UINT8 images and computes in integers; what matters
 
 The accelerator's headline is the per-image worst case over the attacks run.
 
-(About 470 lines: loading and self-checking the simulator, locating software/hardware
-disagreements and the accelerator's attack factories share the UINT8-grid helpers; a split
-into sim loading and attacks is the next step if it grows.)
-
 Every query is rounded to the UINT8 grid first (the accelerator's input), so an eps of
-k/255 around a clean image stays within k/255. Software/hardware disagreements are located
-layer by layer: the first quantized activation where Brevitas and the accelerator differ.
+k/255 around a clean image stays within k/255. Loading and checking the simulator (build
+folders, bare builds, the UINT8 grid, software/hardware agreement) lives in
+:mod:`hw_dq.fpga.hwload`; its names stay importable from here.
 """
 
 from __future__ import annotations
@@ -33,213 +30,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from hw_dq.errors import HwDqError
-from hw_dq.fpga.sim import HwSimulator, SimulationError
+from hw_dq.fpga.hwload import DATAFLOW as DATAFLOW
+from hw_dq.fpga.hwload import PARENT as PARENT
+from hw_dq.fpga.hwload import _hw_activations as _hw_activations
+from hw_dq.fpga.hwload import _reference_partition as _reference_partition
+from hw_dq.fpga.hwload import _sw_activations as _sw_activations
+from hw_dq.fpga.hwload import (
+    agreement,
+    bare_build,
+    bare_source,
+    bare_test_set,
+    find_build,
+    hw_labels,
+    hw_logits,
+    load_simulator,
+    locate_disagreement,
+    sw_labels,
+    uint8_grid,
+)
+from hw_dq.fpga.hwload import build_board as build_board
+from hw_dq.fpga.hwload import check_board as check_board
+from hw_dq.fpga.hwload import finn_reference as finn_reference
+from hw_dq.fpga.sim import HwSimulator
 
 DEFAULT_HW_ATTACKS = ("square", "transfer-autoattack", "hsj")  # issue 10's standard for the accelerator
 NO_MODEL = ("transfer attacks craft their examples on a PyTorch model, and a build of a bare QONNX file "
             "(build --onnx) has none")  # fmt: skip
-PARENT, DATAFLOW = "dataflow_parent.onnx", "dataflow_model.onnx"
-
-
-def find_build(path: str | Path, board: str | None = None) -> Path:
-    """A build folder: ``path`` itself, or ``RUN_DIR/build/<board>`` (the only one if no board)."""
-    p = Path(path)
-    if (p / PARENT).is_file() or (p / DATAFLOW).is_file():
-        return p
-    from hw_dq.run import Run
-
-    return Run(p).find_build(board)  # canonical board names, matched case-insensitively
-
-
-def bare_build(path: str | Path) -> bool:
-    """A FINN build folder given on its own (``build --onnx FILE``): no hw-dq run, so no PyTorch model."""
-    p = Path(path)
-    return not (p / "config.json").is_file() and ((p / PARENT).is_file() or (p / DATAFLOW).is_file())
-
-
-def bare_source(build: Path) -> dict[str, Any]:
-    """The config-like description of a bare build for results files (a quantized model of unknown training):
-    its name, and its weight and activation bits as FINN's layers hold them (the most common width)."""
-    from collections import Counter
-
-    from qonnx.core.datatype import DataType
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.custom_op.registry import getCustomOp
-
-    w, a = Counter(), Counter()
-    nodes = ModelWrapper(str(build / DATAFLOW)).graph.node if (build / DATAFLOW).is_file() else []
-    for node in nodes:
-        base = node.op_type.removesuffix("_hls").removesuffix("_rtl")
-        if base in ("MVAU", "VVAU", "Thresholding"):
-            op = getCustomOp(node)
-            if base != "Thresholding":
-                w[DataType[op.get_nodeattr("weightDataType")].bitwidth()] += 1
-            if base == "Thresholding" or op.get_nodeattr("noActivation") == 0:
-                a[DataType[op.get_nodeattr("outputDataType")].bitwidth()] += 1
-    bits = {k: c.most_common(1)[0][0] if c else None for k, c in (("wbits", w), ("abits", a))}
-    return {"model": {"name": f"qonnx:{build.resolve().name}", **bits}, "mode": "VQ"}
-
-
-def bare_test_set(n: int | None, seed: int, data: str | None, data_dir: str | Path | None):
-    """The evaluated images of a bare build: ``data`` (default: the embedded CIFAR-10 sample), as Run.test_set."""
-    from hw_dq.data import load_split
-
-    return load_split(data or "sample", "test", None if data_dir is None else str(data_dir)).take(n, seed)
-
-
-def _reference_partition(build: Path, parent) -> str | None:
-    """The pre-specialisation partition FINN can execute in python (moved builds included)."""
-    for node in parent.graph.node:
-        if node.op_type == "StreamingDataflowPartition":
-            from onnx import helper
-
-            path = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "model").decode()
-            if Path(path).is_file():
-                return path
-            local = build / "finn" / "intermediate_models" / "supported_op_partitions" / Path(path).name
-            return str(local) if local.is_file() else None
-    return None
-
-
-def finn_reference(build: Path, x_uint8: np.ndarray) -> np.ndarray:
-    """FINN's own node-by-node python execution of the build's graph (one image at a time)."""
-    from hw_dq.fpga import finn_compat
-
-    finn_compat.prepare_finn()
-    from finn.core.onnx_exec import execute_onnx
-    from qonnx.core.modelwrapper import ModelWrapper
-
-    parent = ModelWrapper(str(build / PARENT))
-    ref = _reference_partition(build, parent)
-    if ref is None:
-        raise SimulationError(f"{build}: FINN's python-executable partition is missing; rebuild with 'hw-dq build'")
-    for node in parent.graph.node:
-        if node.op_type == "StreamingDataflowPartition":
-            for a in node.attribute:
-                if a.name == "model":
-                    a.s = ref.encode()
-    iname, oname = parent.graph.input[0].name, parent.graph.output[0].name
-    return np.concatenate([execute_onnx(parent, {iname: x_uint8[i : i + 1]})[oname] for i in range(len(x_uint8))])
-
-
-def load_simulator(build: str | Path, verify: int = 8) -> HwSimulator:
-    """Simulate the folded build; first check it against FINN's execution on the build's samples."""
-    b = Path(build)
-    if not (b / PARENT).is_file() or not (b / DATAFLOW).is_file():
-        raise HwDqError(f"{b} is not a FINN build folder (needs {PARENT} and {DATAFLOW}); run 'hw-dq build' first")
-    try:
-        sim = HwSimulator(b / PARENT, partition=b / DATAFLOW)
-    except SimulationError:
-        raise
-    except Exception as e:
-        raise SimulationError(f"{b}: the FINN model cannot be read ({type(e).__name__}: {e})") from None
-    if verify:
-        sample = b / "sample_input.npy"
-        if not sample.is_file():
-            raise SimulationError(f"{sample} is missing; rebuild with 'hw-dq build'")
-        x = np.load(sample)[:verify].astype(np.float32)
-        ref = finn_reference(b, x)
-        got = sim(x).numpy().reshape(ref.shape)
-        # an image agrees only when every output is finite and equal (a NaN never agrees)
-        bad = int((~(got == ref)).reshape(len(x), -1).any(1).sum())
-        if bad:
-            raise SimulationError(
-                f"the simulation of {b} differs from FINN's execution on {bad} of {len(x)} sample images; "
-                "the build folder may be altered or from another finn-plus version"
-            )
-    return sim
-
-
-def uint8_grid(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[0, 1] images -> the accelerator's UINT8 pixel values (as float32, NCHW)."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.float32)
-
-
-def hw_logits(sim: HwSimulator, x01: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Simulated accelerator output for [0, 1] images (rounded to UINT8 first)."""
-    out = [sim(uint8_grid(x01[i : i + batch_size])).numpy() for i in range(0, len(x01), batch_size)]
-    return np.concatenate(out).reshape(len(x01), -1)
-
-
-def hw_labels(sim: HwSimulator, x01: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    out = hw_logits(sim, x01, batch_size)
-    return out[:, 0].astype(np.int64) if out.shape[1] == 1 else out.argmax(1)
-
-
-def sw_labels(model: nn.Module, x01: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return np.concatenate(
-            [model(torch.from_numpy(x01[i : i + batch_size])).argmax(1).numpy() for i in range(0, len(x01), batch_size)]
-        )
-
-
-# ------------------------------------------------------------------ layer-by-layer location
-def _sw_activations(model: nn.Module, x01: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Integer codes of every quantized activation of the Brevitas model (input quantizer first)."""
-    from brevitas.nn import QuantIdentity, QuantReLU
-
-    acts: list[tuple[str, np.ndarray]] = []
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantIdentity | QuantReLU):
-
-            def hook(mod, _i, out, name=name):
-                scale = float(mod.act_quant.scale())
-                acts.append((name, np.rint(out.detach().numpy() / scale)))
-
-            hooks.append(m.register_forward_hook(hook))
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.from_numpy(x01))
-    finally:
-        for h in hooks:
-            h.remove()
-    return acts
-
-
-def _hw_activations(sim: HwSimulator, x01: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """The accelerator's thresholded (integer) activations in graph order, as NCHW."""
-    xin = uint8_grid(x01)
-    ctx = sim.run(xin, keep=True)
-    acts = [("input", xin)]
-    for st in sim.steps:
-        base = st.op.removesuffix("_hls").removesuffix("_rtl")
-        thresholded = base in ("Thresholding", "MultiThreshold") or (base == "MVAU" and len(st.inputs) > 2)
-        if thresholded:
-            v = ctx[st.outputs[0]].numpy()
-            acts.append((st.name, v.transpose(0, 3, 1, 2) if v.ndim == 4 else v))
-    return acts
-
-
-def locate_disagreement(model: nn.Module, sim: HwSimulator, x01: np.ndarray) -> list[dict[str, Any]]:
-    """For each image, the first quantized activation where software and accelerator differ.
-
-    Layers are matched in order (the k-th Brevitas quantized activation with the k-th
-    thresholding node of the FINN graph). Returns one dict per image with ``layer`` (index),
-    the two layer names and the fraction of differing values, or ``layer = None``.
-    """
-    sw, hw = _sw_activations(model, x01), _hw_activations(sim, x01)
-    rows = []
-    for i in range(len(x01)):
-        row: dict[str, Any] = {"index": i, "layer": None}
-        for k, ((sn, sa), (hn, ha)) in enumerate(zip(sw, hw, strict=False)):
-            a, b = sa[i], ha[i]
-            if a.size != b.size:
-                break
-            diff = (
-                a.reshape(-1) != b.reshape(a.shape).reshape(-1)
-                if a.shape == b.shape
-                else a.reshape(-1) != b.reshape(-1)
-            )
-            if diff.any():
-                row.update(layer=k, sw_layer=sn, hw_node=hn, fraction=float(diff.mean()))
-                break
-        rows.append(row)
-    return rows
 
 
 # ------------------------------------------------------------------ attacks
@@ -288,29 +104,31 @@ def _labels_classifier(sim: HwSimulator, shape: tuple[int, ...], nb_classes: int
 
 # Accelerator factories named by the attack registry (hw_dq.robust.registry): each takes the
 # PyTorch model, the simulator, images on the UINT8 grid and labels (numpy), eps in [0, 1] units,
-# the budgets (AttackParams) and the seed; returns adversarial images and the parameters used.
+# the budgets (AttackParams), the seed and the batch size, and ``progress`` (per-batch progress on
+# stderr where the attack reports it, see hw_dq.robust.autoattack; None: silent); returns adversarial
+# images and the parameters used.
 def hw_transfer_pgd(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
-                    seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+                    seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """PGD crafted on the PyTorch model (straight-through gradients), same budget as ``pgd`` on it."""
     from hw_dq.robust.attacks import craft
 
     c = craft(model, torch.from_numpy(x), torch.from_numpy(y), "pgd", eps * 255, seed=seed, batch_size=batch_size,
-              params=p)  # fmt: skip
+              params=p, progress=progress)  # fmt: skip
     return c.x_adv.numpy(), {"source": "PyTorch model (STE gradients)", **c.params}
 
 
 def hw_transfer_autoattack(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
-                           seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+                           seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """The reference AutoAttack (standard) examples crafted on the PyTorch model, run on the accelerator."""
     from hw_dq.robust.attacks import craft
 
     c = craft(model, torch.from_numpy(x), torch.from_numpy(y), "autoattack", eps * 255, seed=seed,
-              batch_size=batch_size, params=p)  # fmt: skip
+              batch_size=batch_size, params=p, progress=progress)  # fmt: skip
     return c.x_adv.numpy(), {"source": "PyTorch model", **c.params, "breakdown_on_pytorch": c.breakdown}
 
 
 def hw_square(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
-              seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+              seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """Square (the AutoAttack authors' implementation and settings) on the accelerator's logits."""
     from pyautoattack.square import SquareAttack
 
@@ -323,7 +141,7 @@ def hw_square(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, 
 
 
 def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
-           seed: int, batch_size: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+           seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """HopSkipJump (ART) on the accelerator's top-1 label; its query budget follows ``square_queries``."""
     from art.attacks.evasion import HopSkipJump
 
@@ -345,8 +163,12 @@ def craft(
     queries: int | None = None,
     params: Any = None,
     batch_size: int = 128,
+    progress: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model of the registry."""
+    """Adversarial examples (on the UINT8 grid, in [0, 1]) for one hardware threat model of the registry.
+
+    ``progress`` (e.g. :class:`hw_dq.robust.evaluate.Progress`): per-batch progress on stderr where the
+    attack reports it (the transfer of AutoAttack); None: silent."""
     from hw_dq.robust.attacks import AttackParams
     from hw_dq.robust.registry import check, hw_factory
 
@@ -355,7 +177,7 @@ def craft(
     eps = eps_255 / 255.0
     np.random.seed(seed)
     torch.manual_seed(seed)
-    adv, par = hw_factory(entry)(model, sim, x, y, eps, p, seed, batch_size)
+    adv, par = hw_factory(entry)(model, sim, x, y, eps, p, seed, batch_size, progress=progress)
     adv = np.clip(adv, x - eps, x + eps) if entry.counting != "within-eps" else adv
     return uint8_grid(adv) / 255.0, par
 
@@ -379,6 +201,7 @@ def attack_hw(
     locate: int = 32,
     params: Any = None,
     batch_size: int = 128,
+    progress: Any = None,
 ) -> HwAttackResult:
     """Robust accuracy of the accelerator under one threat model at Linf ``eps_255``/255.
 
@@ -388,7 +211,7 @@ def attack_hw(
     entry = check(attack, eps_255, "hw")
     t0 = time.time()
     x = uint8_grid(x) / 255.0
-    adv, par = craft(attack, model, sim, x, y, eps_255, seed, steps, queries, params, batch_size)
+    adv, par = craft(attack, model, sim, x, y, eps_255, seed, steps, queries, params, batch_size, progress)
     linf = np.abs(adv - x).reshape(len(x), -1).max(1) * 255.0
     hw = hw_labels(sim, adv)
     sw = hw if model is None else sw_labels(model, adv)  # no model: no software column
@@ -414,25 +237,6 @@ def attack_hw(
         params=par, wall_s=time.time() - t0, first_diff_layers=hist,
         robust_mask="".join("1" if v else "0" for v in hw_ok),
     )  # fmt: skip
-
-
-def agreement(model: nn.Module | None, sim: HwSimulator, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Clean accuracy of both, their top-1 disagreement rate, and where they first differ (None: no model)."""
-    x = uint8_grid(x) / 255.0
-    hw = hw_labels(sim, x)
-    if model is None:
-        return {"n_examples": len(y), "clean_acc_hw": float((hw == y).mean()) if len(y) else 0.0,
-                "clean_acc_sw": None, "disagreement_clean": None, "first_diff": []}  # fmt: skip
-    sw = sw_labels(model, x)
-    dis = np.nonzero(hw != sw)[0]
-    where = locate_disagreement(model, sim, x[dis[:32]].astype(np.float32)) if len(dis) else []
-    return {
-        "n_examples": len(y),
-        "clean_acc_hw": float((hw == y).mean()),
-        "clean_acc_sw": float((sw == y).mean()),
-        "disagreement_clean": float(len(dis) / max(1, len(y))),
-        "first_diff": where,
-    }
 
 
 def evaluate_hw(
@@ -467,7 +271,7 @@ def evaluate_hw(
     from hw_dq import run as rd
     from hw_dq.errors import ConfigError
     from hw_dq.robust.attacks import AttackParams
-    from hw_dq.robust.evaluate import evaluation, record, write
+    from hw_dq.robust.evaluate import Progress, evaluation, record, write
     from hw_dq.robust.registry import ATTACKS, check
     from hw_dq.robust.sanity import masking_checks, verdict
 
@@ -484,7 +288,8 @@ def evaluate_hw(
     run = Path(run_dir)
     skipped: list[dict[str, str]] = []
     if bare_build(run):  # a user's own QONNX, built with 'build --onnx': the accelerator alone
-        model, cfg, build = None, bare_source(run), run
+        build = find_build(run, board)  # --board, if given, must be the build's own
+        model, cfg = None, bare_source(run)
         skipped = [{"attack": a, "reason": NO_MODEL} for a in attacks if ATTACKS[a].kind == "transfer"]
         attacks = [a for a in attacks if ATTACKS[a].kind != "transfer"]
         if not attacks:
@@ -501,9 +306,12 @@ def evaluate_hw(
     agree = agreement(None if model is None else model.cpu(), sim, x, y)
     model = None if model is None else model.to(rd.resolve_device(device))
     evals = []
+    bar = Progress(progress)  # per-batch lines on a terminal only (the transfer of AutoAttack reports them)
     for a in attacks:
         for e in eps:
-            r = attack_hw(a, model, sim, x, y, e, seed=seed, params=p, batch_size=batch_size)
+            bar.start(f"hw {a} @ {e:g}/255")
+            r = attack_hw(a, model, sim, x, y, e, seed=seed, params=p, batch_size=batch_size,
+                          progress=bar if bar.on else None)  # fmt: skip
             evals.append(evaluation(
                 a, ATTACKS[a].kind, "Linf", e, r.robust_acc_hw, r.n_examples, seed, r.wall_s, r.max_linf_255,
                 r.params, {"robust_acc_sw_same_inputs": r.robust_acc_sw, "disagreement_adv": r.disagreement_adv,
