@@ -449,7 +449,7 @@ def certify_run(
             "'hw-dq train', or build a QONNX file with 'hw-dq build --onnx FILE --board B'"
         )
     cfg = bare_source(run) if bare else rd.read_json(run / rd.CONFIG)
-    build = run if bare else find_build(run, board)
+    build = find_build(run, board)  # a build folder: checked against --board
     IntervalCertifier(load_simulator(build, verify=0))  # an uncovered op fails before FINN runs
     sim = load_simulator(build)  # checked bit-exact against FINN's execution
     cert = IntervalCertifier(sim)
