@@ -181,7 +181,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("reproduce", help="the paper's experiment at CPU scale (resumable)")
     p.add_argument("--out", default="runs/reproduce", help="a fresh folder under runs/ (never the committed results)")
-    p.add_argument("--scale", default="cpu", help="cpu (the stated ~2 h plan), smoke (minutes), or a JSON file")
+    p.add_argument("--scale", default="cpu", help="cpu (the CPU-scale plan, hours), smoke (minutes), or a JSON file")
     p.add_argument("--data-dir", help="CIFAR-10 .npz directory (default ../shared/data when present)")
     p.add_argument("--only", help="comma list of run names to do (default all)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
