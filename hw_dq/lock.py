@@ -66,6 +66,7 @@ def run_lock(run_dir: str | Path, verb: str = "hw-dq") -> Iterator[Path]:
     stale by construction and the next run takes it over. A second process gets a one-line
     error naming the holder."""
     path = Path(run_dir) / LOCK_FILE
+    created = not path.parent.exists()  # train --out: the lock may be the first thing in a new run
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -96,6 +97,9 @@ def run_lock(run_dir: str | Path, verb: str = "hw-dq") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+        if created:  # a command refused before it wrote anything leaves no empty run directory behind
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only if empty
 
 
 _SCRATCH = re.compile(r"\.(\d+)-[^.]*\.tmp$")  # what atomic_write names its temporary file
