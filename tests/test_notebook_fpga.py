@@ -32,7 +32,8 @@ def test_fpga_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.Mo
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
-    client.execute(env=dict(os.environ))
+    # one thread: on a loaded 2-core machine two OpenMP threads in the kernel thrash (minutes instead of seconds)
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
     build = out / "tiny_w2a2" / "build" / "Pynq-Z1"
     assert (build / "report.json").is_file() and (build / "report.md").is_file()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -30,7 +30,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
-    client.execute(env=dict(os.environ))
+    # one thread: on a loaded 2-core machine two OpenMP threads in the kernel thrash (minutes instead of seconds)
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert (tmp_path / "nb" / "analyse" / "amplification.png").is_file()
     assert (tmp_path / "nb" / "vq" / "attacks" / "notebook.json").is_file()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
