@@ -191,3 +191,17 @@ def test_benchmarks_readme_lists_every_script_and_cites_existing_files() -> None
     for ref in set(re.findall(r"`(results/[\w/.-]+)`", text)):
         assert (ROOT / "benchmarks" / ref).exists(), ref
     assert "/work/" not in text and "unfinished" not in text
+
+
+def test_autoattack_against_the_composite_table_matches_its_results_file() -> None:
+    res = _load("autoattack_vs_composite.json")["models"]
+    names = {"VQ w2a2+AT": "sm-vq-w2a2-at", "DQ w2a2+AT": "sm-dq-w2a2-at", "VQ w4a4+AT": "sm-vq-w4a4-at"}
+    rows = _table("| model | eps | AutoAttack, standard | ART composite")
+    assert len(rows) == 2 * len(names)
+    for row in rows:
+        r = res[names[row[0]]]["eps"][row[1].removesuffix("/255")]
+        want = [_pct(r["autoattack"]["robust_acc"]), _pct(r["art-apgd-square"]["robust_acc"]),
+                _pct(r["verdict"]["worst_case_of_both"]), f"{100 * r['verdict']['two_se']:.1f}"]  # fmt: skip
+        assert row[2:] == want, (row, want)
+        # the acceptance of the evaluation issue: AutoAttack at most the composite, or within 2 SE
+        assert r["verdict"]["autoattack_le_composite_within_2se"]
