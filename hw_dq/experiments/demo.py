@@ -1,13 +1,13 @@
 """``hw-dq demo``: VQ vs DQ on the embedded CIFAR-10 sample, in a few minutes on a CPU.
 
 Trains the same small CNV twice (beta = 0, and the recommended DQ setting: beta 1e-4 on the
-BN-folded operator), then measures clean accuracy,
-white-box FGSM and PGD-10 (ART), the gradient-masking sanity checks (:mod:`hw_dq.robust.sanity`:
-pass/warn per model, with the evidence in summary.json) and the Lipschitz diagnostic, and
-prints them side by side. Then the FPGA flow: each model is exported to QONNX, built by
-FINN for a Pynq-Z1 (``--fit``: the fastest folding within FINN's utilisation limits), and
-attacked on the bit-exact simulation of that accelerator (transfer PGD from the PyTorch
-model and black-box Square on its logits). The run directories stay in ``--out``.
+BN-folded operator), then measures clean accuracy, white-box FGSM and PGD-10 (hw-dq's native
+attack engine), the gradient-masking sanity checks (:mod:`hw_dq.robust.sanity`: pass/warn per
+model, with the evidence in summary.json) and the Lipschitz diagnostic, and prints them side by
+side. Then the FPGA flow: each model is exported to QONNX, built by FINN for a Pynq-Z1
+(``--fit``: the fastest folding within FINN's utilisation limits), and attacked on the bit-exact
+simulation of that accelerator (transfer PGD from the PyTorch model and black-box Square on its
+logits). The run directories stay in ``--out``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run_demo(
         rows.append(row)
     summary = {
         "dataset": f"embedded CIFAR-10 sample ({len(y)} test images, seed {seed})",
-        "attack": "FGSM and PGD-10 (ART), Linf, white-box through the straight-through estimator",
+        "attack": "FGSM and PGD-10 (hw-dq's engine), Linf, white-box through the straight-through estimator",
         "eps_units": "1/255",
         "rows": rows,
     }
