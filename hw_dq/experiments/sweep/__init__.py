@@ -53,7 +53,9 @@ def sweep(
     show = Progress(spec, progress)
     show.log(f"study '{spec.name}' in {'SWEEP_DIR/study.db' if storage is None else 'the shared storage'}: "
              + show.status(study))  # fmt: skip
-    counts = work(study, spec, out, on_trial=show, log=show.log)
+    # a repeated point reuses a finished trial only in a single-machine study: with a shared one, that
+    # trial's run directory may live on another machine
+    counts = work(study, spec, out, on_trial=show, log=show.log, reuse_points=storage is None)
     show.log("finished: " + show.status(study))
     return counts
 

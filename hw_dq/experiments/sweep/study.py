@@ -207,6 +207,7 @@ def work(
     on_trial: Callable[[Any], None] | None = None,
     log: Callable[[str], None] | None = None,
     poll_s: float = 2.0,
+    reuse_points: bool = True,
 ) -> dict[str, int]:
     """Run trials of ``study`` until it holds ``spec.n_trials`` finished ones; returns the state counts."""
     from optuna.trial import TrialState
@@ -233,7 +234,7 @@ def work(
             study.tell(trial, state=TrialState.FAIL)
             TIMING["optuna_s"] += time.perf_counter() - t_iter
             continue
-        state, msg = _run_one(study, trial, spec, out, say)
+        state, msg = _run_one(study, trial, spec, out, say, reuse_points)
         TIMING["optuna_s"] += time.perf_counter() - t_iter - TIMING["_last_trial_s"]
         TIMING["trials"] += 1
         t_show = time.perf_counter()
@@ -246,7 +247,8 @@ def work(
                 raise ConfigError(f"{errors} trials failed (max_failures {max_failures}); last: {msg}")
 
 
-def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[str], None]) -> tuple[str, str]:
+def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[str], None],
+             reuse_points: bool = True) -> tuple[str, str]:  # fmt: skip
     """One asked trial from its suggestions to its tell; returns its final state and a message."""
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread
@@ -270,7 +272,7 @@ def _run_one(study: Any, trial: Any, spec: SweepSpec, out: Path, say: Callable[[
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             params = tr.suggest(trial, spec.space)
-            twin = _same_point(study, trial)
+            twin = _same_point(study, trial) if reuse_points else None
             if twin is not None:  # the sampler proposed a finished point again: its results, not a rerun
                 trial.set_user_attr("duplicate_of", twin.number)
                 trial.set_user_attr("run_dir", twin.user_attrs["run_dir"])
