@@ -71,6 +71,27 @@ def plan_sample() -> list[Step]:
     ]
 
 
+def plan_cpu() -> list[Step]:
+    """The reproduction's CPU scale on a 2-core CPU (10,000 training images, the ``cs`` schedule),
+    with w2a2 at 8-bit first and last layers as the mixed-precision candidate."""
+    ft = {**CS, **FT, "init_from": "cpu-fp-at"}
+    mixed = {"wbits": 2, "abits": 2, "end_bits": 8}
+    return [
+        Step("train", "cpu-fp-at", {**CS, "wbits": "float", "abits": "float", "epochs": 30, "lr": 0.05}),
+        Step("train", "cpu-vq-w4a4-at", {**ft, "wbits": 4, "abits": 4}),
+        Step("eval", "cpu-fp-at"),
+        Step("eval", "cpu-vq-w4a4-at"),
+        Step("train", "cpu-vq-w2a2e8-at", {**ft, **mixed}),
+        Step("eval", "cpu-vq-w2a2e8-at"),
+        Step("train", "cpu-dq-w2a2e8-at", {**ft, **mixed, **DQ}),
+        Step("eval", "cpu-dq-w2a2e8-at"),
+        Step("eval", "cpu-fp-at", eps=2.0),
+        Step("eval", "cpu-vq-w4a4-at", eps=2.0),
+        Step("eval", "cpu-vq-w2a2e8-at", eps=2.0),
+        Step("eval", "cpu-dq-w2a2e8-at", eps=2.0),
+    ]
+
+
 def plan(smoke: bool) -> list[Step]:
     """Steps in priority order: what matters most runs first, so a short lease still answers it."""
     fp = {"wbits": "float", "abits": "float", "epochs": 30, "lr": 0.05}
@@ -233,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="test images per evaluation")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--report", type=Path, help="only write the markdown table of WORK_DIR's results to this file")
-    ap.add_argument("--arm", choices=("gpu", "sample"), default="gpu", help="sample: the embedded sample on a CPU")
+    ap.add_argument(
+        "--arm",
+        choices=("gpu", "sample", "cpu"),
+        default="gpu",
+        help="sample: the embedded sample on a CPU; cpu: the CPU scale's 10,000 images on a CPU",
+    )
     ap.add_argument("--aa", choices=("standard", "reduced"), default="standard", help="AutoAttack budget")
     a = ap.parse_args(argv)
     import torch
@@ -251,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res["machine"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     t_start = time.time()
-    for s in plan_sample() if a.arm == "sample" else plan(a.smoke):
+    arms = {"sample": plan_sample, "cpu": plan_cpu}
+    for s in arms[a.arm]() if a.arm in arms else plan(a.smoke):
         key = s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
         if key in res[s.kind]:
             continue

@@ -49,6 +49,16 @@ def test_import_is_cheap_and_lazy() -> None:
         hw_dq.no_such_function  # noqa: B018
 
 
+def test_package_reexports_exactly_the_api_but_train() -> None:
+    """``hw_dq``'s lazy names are written out (importing ``api`` to derive them would undo the lazy
+    import); this keeps the two lists from drifting apart."""
+    import hw_dq
+    import hw_dq.api as api
+
+    assert set(hw_dq._API) == set(api.__all__) - {"train"}
+    assert all(getattr(hw_dq, name) is getattr(api, name) for name in hw_dq._API)
+
+
 def test_api_functions_are_documented_and_typed() -> None:
     import inspect
 

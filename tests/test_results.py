@@ -96,3 +96,21 @@ def test_worst_case_is_per_image_and_becomes_the_headline():
     bad["evaluations"][0]["robust_mask"] = "11"
     with pytest.raises(SchemaError, match="robust_mask"):
         validate(bad)
+
+
+def test_worst_case_names_the_attacks_it_cannot_combine_image_by_image():
+    from hw_dq.robust.evaluate import worst_case
+    from hw_dq.robust.results import describe
+
+    ev = [
+        {"attack": "pgd", "eps": 8.0, "robust_acc": 0.5, "robust_mask": "1010101010"},
+        {"attack": "square", "eps": 8.0, "robust_acc": 0.6, "robust_mask": "1111000011"},
+        {"attack": "hsj", "eps": 8.0, "robust_acc": 0.0, "robust_mask": "0000"},  # another image set
+    ]
+    w = worst_case(ev, 8.0)
+    # the ten-image set has two attacks: it is the one combined, and the four-image attack is named
+    assert w["n_examples"] == 10 and w["attacks"] == ["pgd", "square"] and w["robust_acc"] == 0.3
+    assert w["excluded"] == [{"attack": "hsj", "n_examples": 4}]
+    r = example()
+    r.update(worst_case=[w])
+    assert "not combined (other image count): hsj (n=4)" in describe(r)

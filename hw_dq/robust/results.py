@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,10 @@ def describe(r: dict[str, Any]) -> str:
         ]
         for w in r["worst_case"]:
             each = ", ".join(f"{a} {_pct(v)}" for a, v in w["per_attack"].items())
+            if w.get("excluded"):
+                each += "; not combined (other image count): " + ", ".join(
+                    f"{x['attack']} (n={x['n_examples']})" for x in w["excluded"]
+                )
             lines.append(f"| {w['eps']:g} | {w['norm']} | {_pct(w['robust_acc'])} | {w['n_examples']} | {each} |")
     lines += ["", f"## Gradient-masking sanity checks: {r['sanity']['verdict'].upper()}", ""]
     lines += [f"- **{c['status'].upper()}** {c['name']}: {c['evidence']}" for c in r["sanity"]["checks"]]
@@ -287,8 +292,11 @@ def describe(r: dict[str, Any]) -> str:
 def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> dict[str, Any] | None:
     """Per-image worst case over the evaluations at (``eps``, ``norm``) that kept per-image flags.
 
-    Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"}`` or None
-    when no evaluation at that eps has flags.
+    Flags combine image by image only over one image set: when the evaluations at this eps ran on
+    different numbers of images, the set with the most attacks (then the most images) is used and
+    the others are named in ``excluded``, never dropped silently.
+    Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"[, "excluded"]}``
+    or None when no evaluation at that eps has flags.
     """
     at = [
         e
@@ -297,12 +305,15 @@ def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> d
     ]
     if not at:
         return None
-    n = len(at[0]["robust_mask"])
+    sizes = Counter(len(e["robust_mask"]) for e in at)
+    n = max(sizes, key=lambda k: (sizes[k], k))
+    excluded = [{"attack": e["attack"], "n_examples": len(e["robust_mask"])} for e in at if len(e["robust_mask"]) != n]
     at = [e for e in at if len(e["robust_mask"]) == n]
     alive = [all(e["robust_mask"][i] == "1" for e in at) for i in range(n)]
     return {
         "eps": float(eps), "norm": norm, "robust_acc": sum(alive) / max(1, n), "n_examples": n,
         "attacks": [e["attack"] for e in at], "per_attack": {e["attack"]: e["robust_acc"] for e in at},
+        **({"excluded": excluded} if excluded else {}),
     }  # fmt: skip
 
 
