@@ -38,7 +38,7 @@ DQ = {"beta": 1e-4, "lipschitz_target": "bn_folded"}  # the reproduction's DQ se
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # train | eval
+    kind: str  # train | eval | hw
     run: str
     cfg: dict[str, Any] = field(default_factory=dict)
     eps: float = 8.0
@@ -85,6 +85,8 @@ def plan_cpu() -> list[Step]:
         Step("eval", "cpu-vq-w2a2e8-at"),
         Step("train", "cpu-dq-w2a2e8-at", {**ft, **mixed, **DQ}),
         Step("eval", "cpu-dq-w2a2e8-at"),
+        Step("hw", "cpu-vq-w4a4-at"),
+        Step("hw", "cpu-vq-w2a2e8-at"),
         Step("eval", "cpu-fp-at", eps=2.0),
         Step("eval", "cpu-vq-w4a4-at", eps=2.0),
         Step("eval", "cpu-vq-w2a2e8-at", eps=2.0),
@@ -124,14 +126,22 @@ def plan(smoke: bool) -> list[Step]:
         Step("eval", "cs-vq-w4a4-at", eps=2.0),
         Step("eval", "cs-dq-w4a4-at", eps=2.0),
     ]
-    if smoke:  # the same code path at toy size (tiny model, a few hundred images, one epoch)
-        small = {"model": "tiny", "width": None, "train_subset": 600, "epochs": 1, "robust_eval_n": 64}
-        steps = [Step(s.kind, s.run, {**s.cfg, **small} if s.kind == "train" else s.cfg, s.eps) for s in steps[:6]]
-    return steps
+    return smoke_steps(steps) if smoke else steps
+
+
+def smoke_steps(steps: list[Step]) -> list[Step]:
+    """The same code path at toy size (tiny model, a few hundred images, one epoch): the first six
+    training and evaluation steps, and the first accelerator step whose model they trained."""
+    small = {"model": "tiny", "width": None, "train_subset": 600, "epochs": 1, "robust_eval_n": 64}
+    head = [Step(s.kind, s.run, {**s.cfg, **small} if s.kind == "train" else s.cfg, s.eps) for s in steps
+            if s.kind != "hw"][:6]  # fmt: skip
+    done = {s.run for s in head if s.kind == "eval"}
+    return head + [s for s in steps if s.kind == "hw" and s.run in done][:1]
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"train": {}, "eval": {}}
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    return {"train": {}, "eval": {}, "hw": {}, **res}
 
 
 def train_step(s: Step, work: Path, data: Path) -> dict[str, Any]:
@@ -156,6 +166,10 @@ def train_step(s: Step, work: Path, data: Path) -> dict[str, Any]:
 # version (APGD-T x 9 targets, FAB-T x 9, Square 5,000) does not fit a session; never called AutoAttack
 REDUCED = {"components": ["apgd-ce", "apgd-t", "square"],
            "budgets": {"apgd_iters": 50, "apgd_targets": 3, "square_queries": 1000}}  # fmt: skip
+
+
+def _mask(v: Any) -> str:
+    return "".join("1" if b else "0" for b in v.tolist())
 
 
 def eval_step(s: Step, work: Path, data: Path, n: int, device: str, aa_mode: str = "standard") -> dict[str, Any]:
@@ -199,10 +213,13 @@ def eval_step(s: Step, work: Path, data: Path, n: int, device: str, aa_mode: str
     worst = clean.clone()
     for v in per.values():
         worst &= v
+    # the AutoAttack examples travel to the accelerator (the ``hw`` step's transfer attack)
+    rd.save_tensors(work / s.run / f"autoattack_x_adv_eps{s.eps:g}.safetensors", {"x_adv": out.x_adv}, {"n": n})
     res = {
         "eps": s.eps, "n": n, "seed": 0, "clean": float(clean.float().mean()),
         "robust": {k: float(v.float().mean()) for k, v in per.items()},
         "worst_case": float(worst.float().mean()),
+        "clean_mask": _mask(clean), "worst_mask": _mask(worst),
         "attack_set": ("AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000)" if aa_mode == "standard" else
                        "AutoAttack's APGD-CE (50 it), APGD-T (3 targets x 50 it) and Square (1,000 queries), "
                        "reduced budget, not AutoAttack standard")
@@ -211,6 +228,63 @@ def eval_step(s: Step, work: Path, data: Path, n: int, device: str, aa_mode: str
         "autoattack_warnings": out.warnings, "time_s": time.time() - t0, "times": times,
     }  # fmt: skip
     return res
+
+
+BOARD = "Pynq-Z1"
+
+
+def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dict[str, Any]:
+    """The same images on the run's accelerator (FINN build for the Pynq-Z1, bit-exact simulator):
+    the PyTorch model's AutoAttack examples transferred, then Square (5,000 queries) and HopSkipJump
+    on the simulated accelerator, each on the images every earlier attack left standing (AutoAttack's
+    own cascade: the per-image worst case is the same as running each on all images)."""
+    import numpy as np
+    import torch
+
+    from hw_dq import api
+    from hw_dq import run as rd
+    from hw_dq.data import load_split, to_float
+    from hw_dq.fpga.hwattack import attack_hw
+    from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
+
+    t0 = time.time()
+    run = work / s.run
+    if not (run / "build" / BOARD.lower() / "build_report.json").is_file() and not any(
+        (run / "build").glob("*/build_report.json")
+    ):
+        api.build(run, BOARD)
+    t_build = time.time() - t0
+    sim = load_simulator(find_build(run, BOARD))
+    model, _ = rd.load_model(run)
+    ev = res["eval"][f"{s.run}@{s.eps:g}"]
+    n = min(n, ev["n"])  # the first n of the evaluation's images (take() sorts, so take(n) is another set)
+    te = load_split("cifar10", "test", data).take(ev["n"], 0)
+    x = uint8_grid(to_float(torch.from_numpy(te.x[:n])).numpy()) / 255.0
+    y = te.y[:n].astype(np.int64)
+    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{s.eps:g}.safetensors")[0]["x_adv"][:n].numpy()
+    alive = hw_labels(sim, x) == y
+    hw_clean = float(alive.mean())
+    steps: dict[str, Any] = {}
+    t = time.time()
+    alive &= hw_labels(sim, uint8_grid(adv) / 255.0) == y
+    steps["transfer-autoattack"] = {"alive_after": float(alive.mean()), "wall_s": time.time() - t}
+    for atk in ("square", "hsj"):
+        idx = np.flatnonzero(alive)
+        if len(idx):
+            r = attack_hw(atk, model, sim, x[idx].astype(np.float32), y[idx], s.eps, seed=0, queries=5000, locate=0)
+            alive[idx] &= np.array([c == "1" for c in r.robust_mask])
+            steps[atk] = {"attacked": int(len(idx)), "alive_after": float(alive.mean()), "wall_s": r.wall_s,
+                          "params": r.params}  # fmt: skip
+    sw_worst = np.array([c == "1" for c in ev["worst_mask"][:n]])
+    sw, hw = float(sw_worst.mean()), float(alive.mean())
+    se = float(np.sqrt(max(sw * (1 - sw), hw * (1 - hw), 1.0 / n) / n))
+    return {
+        "eps": s.eps, "n": n, "seed": 0, "board": BOARD, "clean_hw": hw_clean, "worst_case_hw": hw,
+        "worst_case_sw": sw, "two_se": 2 * se, "within_two_se": abs(hw - sw) <= 2 * se,
+        "attack_set": "transfer of AutoAttack standard (PyTorch model) + Square 5,000 + HopSkipJump (5,000-query "
+                      "budget) on the bit-exact simulator, cascaded on survivors, per-image worst case",
+        "steps": steps, "hw_mask": _mask(torch.from_numpy(alive)), "build_s": t_build, "time_s": time.time() - t0,
+    }  # fmt: skip
 
 
 def pack(work: Path, out: Path) -> None:
@@ -252,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no new step after this many seconds")
     ap.add_argument("--n", type=int, default=1000, help="test images per evaluation")
+    ap.add_argument("--n-hw", type=int, default=500, help="test images (the first of the --n) on the accelerator")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--report", type=Path, help="only write the markdown table of WORK_DIR's results to this file")
     ap.add_argument(
@@ -268,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = 24 if a.smoke else a.n
+    a.n_hw = min(a.n_hw, n)
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "robust_gpu.json"
     res = _read(res_path)
@@ -278,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     t_start = time.time()
     arms = {"sample": plan_sample, "cpu": plan_cpu}
-    for s in arms[a.arm]() if a.arm in arms else plan(a.smoke):
+    steps = arms[a.arm]() if a.arm in arms else plan(False)
+    for s in smoke_steps(steps) if a.smoke else steps:
         key = s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
         if key in res[s.kind]:
             continue
@@ -288,13 +365,17 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         if s.kind == "train":
             res["train"][key] = train_step(s, a.work, a.data)
+        elif s.kind == "hw":
+            res["hw"][key] = hw_step(s, a.work, a.data, a.n_hw, res)
         else:
             res["eval"][key] = eval_step(s, a.work, a.data, n, device, a.aa)
         rd.write_json(res_path, res)
         if a.out:
             pack(a.work, a.out)
         r = res[s.kind][key]
-        if s.kind == "eval":
+        if s.kind == "hw":
+            what = f"clean {r['clean_hw']:.3f} worst hw {r['worst_case_hw']:.3f} vs sw {r['worst_case_sw']:.3f}"
+        elif s.kind == "eval":
             what = f"clean {r['clean']:.3f} worst {r['worst_case']:.3f} {r['robust']}"
         else:
             what = f"test {r['last']['test_acc']:.3f} held-out PGD {r['last'].get('holdout_pgd_acc', 0):.3f}"
