@@ -24,7 +24,7 @@ def test_cpu_plan_covers_the_paper_grid():
     assert names[0] == "fp" and "fp-at" in names
     for a in (1, 2, 4):
         assert {f"vq-a{a}", f"dq1-a{a}", f"dq2-a{a}"} <= set(names)
-    assert {"vq-a2-at", "dq2-a2-at"} <= set(names)
+    assert {"vq-a2-at", "dq2-a2-at", "vq-a4-at", "dq2-a4-at"} <= set(names)  # the AT arm at w2a2 and w4a4
     dq = p.get("dq2-a1")
     assert dq.train.wbits == 2 and p.get("dq2-a4").train.wbits == 4 and dq.init_from == "fp"
     # the typed fields say what a run is; nothing parses the name
@@ -45,13 +45,17 @@ def test_the_cpu_scale_judges_on_the_reference_autoattack_and_adaptive_attacks_a
         Scale(aa_version="plus-ultra")
     with pytest.raises(ConfigError, match="adv_recipe"):
         Scale(adv_recipe="free")
+    with pytest.raises(ConfigError, match="no weight bits for activation widths 3"):
+        Scale(at_abits=[3])
 
 
 def test_plan_follows_the_scale_betas_and_bits():
     """Three betas and bit widths 3/5: the claims compare the scale's own runs, not dq1/dq2/a2."""
     from hw_dq.experiments.reproduce import claims
 
-    s = Scale(abits=[2, 3], wbits={"2": 2, "3": 3}, betas=[1e-4, 3e-4, 1e-3], adv_abits=[3], adv_train=True)
+    s = Scale(
+        abits=[2, 3], wbits={"2": 2, "3": 3}, betas=[1e-4, 3e-4, 1e-3], adv_abits=[3], at_abits=[3], adv_train=True
+    )
     p = plan(s)
     assert {"dq3-a2", "dq3-a3", "dq3-a3-at"} <= set(p.names) and "dq1-a3-at" not in p.names
     assert {r.name for r in p if r.squeeze} == {"fp", "vq-a3", "dq3-a3"}

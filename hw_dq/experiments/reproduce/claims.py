@@ -163,7 +163,7 @@ def claims(results: list[dict[str, Any]], scale: Scale | Plan | None = None) -> 
         compare(f"DQ improves clean accuracy at low bits (DQ beta{len(ranks)} vs VQ, clean)",
                 [pair(f"a{a}", (dq(a),), (vq(a),), "clean") for a in low]),
         compare("DQ composes with adversarial training (DQ+AT vs DQ, and DQ+AT vs VQ+AT)",
-                [x for a in focus for x in (pair(f"DQ+AT vs DQ a{a}", (dq(a, adv=True),), (dq(a),)),
+                [x for a in p.scale.at_abits for x in (pair(f"DQ+AT vs DQ a{a}", (dq(a, adv=True),), (dq(a),)),
                                             pair(f"DQ+AT vs VQ+AT a{a}", (dq(a, adv=True),), (vq(a, True),)))]),
         compare("DQ composes with feature squeezing (DQ+squeeze vs VQ+squeeze, PGD/FGSM at 8/255)",
                 [pair(sq if len(focus) == 1 else f"{sq} a{a}", (dq(a), sq), (vq(a), sq))

@@ -29,9 +29,11 @@ class Scale:
     betas: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
     lipschitz_target: str = "bn_folded"
     grad_clip: float = 5.0  # for every run (FP, VQ, DQ alike)
-    # the bit widths studied in depth: adversarial training and feature squeezing
+    # the bit widths studied in depth: feature squeezing and the accelerator columns of the clean arm
     adv_abits: list[int] = field(default_factory=lambda: [2])
     adv_train: bool = True
+    # the adversarial-training arm: FP+AT, and VQ+AT and DQ+AT (largest beta) at each of these widths
+    at_abits: list[int] = field(default_factory=lambda: [2, 4])
     # N-FGSM (de Jorge et al. 2022): single-step AT that does not collapse on quantized models,
     # where FGSM-AT did (benchmarks/results/robust_sample.md)
     adv_recipe: str = "nfgsm"
@@ -62,6 +64,9 @@ class Scale:
     def __post_init__(self) -> None:
         if self.aa_version not in ("standard", "reduced"):
             raise ConfigError(f"scale: aa_version {self.aa_version!r} is not 'standard' or 'reduced'")
+        missing = sorted({str(a) for a in [*self.abits, *self.at_abits]} - set(self.wbits))
+        if missing:
+            raise ConfigError(f"scale: no weight bits for activation widths {', '.join(missing)}; add them to 'wbits'")
         if self.adv_recipe not in ("fgsm", "nfgsm", "pgd", "trades"):
             raise ConfigError(f"scale: adv_recipe {self.adv_recipe!r} is not one of fgsm, nfgsm, pgd, trades")
 
@@ -82,6 +87,7 @@ SCALES: dict[str, Scale] = {
         q_epochs=1,
         batch_size=64,
         abits=[1, 2],
+        at_abits=[2],
         n_eval=64,
         aa_version="reduced",
         aa_iters=5,
@@ -202,18 +208,18 @@ def plan(s: Scale, data_dir: str | None = None) -> Plan:
         fp_name = _name("FP", None, 0, adv)
         runs.append(RunSpec(fp_name, "FP", None, None, 0.0, 0, s.lipschitz_target, adv, None, fp_cfg,
                             squeeze=clean, amplification=clean))  # fmt: skip
-        for a in s.abits if clean else s.adv_abits:
+        for a in s.abits if clean else s.at_abits:
             w = s.wbits[str(a)]
             q = replace(fp_cfg, wbits=w, abits=a, epochs=s.q_epochs, lr=s.q_lr, init_from=fp_name)
             focus = clean and a in s.adv_abits
             runs.append(RunSpec(_name("VQ", a, 0, adv), "VQ", w, a, 0.0, 0, s.lipschitz_target, adv, fp_name, q,
-                                squeeze=focus, hardware=clean or a in s.adv_abits,
+                                squeeze=focus, hardware=True,
                                 amplification=clean and a <= 2))  # fmt: skip
             for rank, b in enumerate(s.betas, start=1):
                 if clean or rank == top:  # adversarial training: the largest beta only
                     runs.append(RunSpec(
                         _name("DQ", a, rank, adv), "DQ", w, a, b, rank, s.lipschitz_target, adv, fp_name,
-                        replace(q, beta=b), squeeze=focus and rank == top, hardware=clean or a in s.adv_abits,
+                        replace(q, beta=b), squeeze=focus and rank == top, hardware=True,
                         amplification=clean and a <= 2 and rank == top,
                     ))  # fmt: skip
     return Plan(s, tuple(runs))
