@@ -287,6 +287,46 @@ def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dic
     }  # fmt: skip
 
 
+def _key(s: Step) -> str:
+    return s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
+
+
+def _ready(s: Step, res: dict[str, Any]) -> bool:
+    """Whether a step's inputs exist: the run it fine-tunes from, the model it evaluates, the
+    evaluation whose examples the accelerator step transfers."""
+    if s.kind == "train":
+        return s.cfg.get("init_from") is None or s.cfg["init_from"] in res["train"]
+    if s.kind == "hw":
+        return _key(s) in res["eval"]
+    return s.run in res["train"]
+
+
+def _claim(work: Path, s: Step) -> bool:
+    """Take a step for this process (several workers may share one WORK_DIR, e.g. one per core);
+    a claim left by a process that no longer runs is taken over (its step resumes)."""
+    import os
+
+    d = work / ".claims"
+    d.mkdir(exist_ok=True)
+    path = d / f"{s.kind}-{_key(s)}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def pack(work: Path, out: Path) -> None:
     """Copy the results and the run directories' small files (weights, config, metrics) to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -346,33 +386,44 @@ def main(argv: list[str] | None = None) -> int:
     a.n_hw = min(a.n_hw, n)
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "robust_gpu.json"
-    res = _read(res_path)
     if a.report:
+        res = _read(res_path)
         a.report.write_text(render(res))
         print(render(res))
         return 0
-    res["machine"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     t_start = time.time()
     arms = {"sample": plan_sample, "cpu": plan_cpu}
     steps = arms[a.arm]() if a.arm in arms else plan(False)
-    for s in smoke_steps(steps) if a.smoke else steps:
-        key = s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
-        if key in res[s.kind]:
-            continue
-        if time.time() - t_start > a.budget_s:
-            print(f"budget spent: stopping before {s.kind} {key}", flush=True)
+    steps = smoke_steps(steps) if a.smoke else steps
+    while True:  # passes over the plan: a step whose input another worker is still making waits
+        res = _read(res_path)
+        todo = [s for s in steps if _key(s) not in res[s.kind]]
+        ready = [s for s in todo if _ready(s, res)]
+        if not todo or time.time() - t_start > a.budget_s:
+            if todo:
+                print(f"budget spent: stopping before {todo[0].kind} {_key(todo[0])}", flush=True)
             break
-        t = time.time()
-        if s.kind == "train":
-            res["train"][key] = train_step(s, a.work, a.data)
-        elif s.kind == "hw":
-            res["hw"][key] = hw_step(s, a.work, a.data, a.n_hw, res)
-        else:
-            res["eval"][key] = eval_step(s, a.work, a.data, n, device, a.aa)
-        rd.write_json(res_path, res)
+        s = next((s for s in ready if _claim(a.work, s)), None)
+        if s is None:  # everything left is running in another worker or waits for it
+            time.sleep(20)
+            continue
+        key, t = _key(s), time.time()
+        try:
+            if s.kind == "train":
+                r = train_step(s, a.work, a.data)
+            elif s.kind == "hw":
+                r = hw_step(s, a.work, a.data, a.n_hw, res)
+            else:
+                r = eval_step(s, a.work, a.data, n, device, a.aa)
+            res = _read(res_path)  # another worker may have written since
+            res[s.kind][key] = r
+            res["machine"] = machine
+            rd.write_json(res_path, res)
+        finally:
+            (a.work / ".claims" / f"{s.kind}-{key}").unlink(missing_ok=True)
         if a.out:
             pack(a.work, a.out)
-        r = res[s.kind][key]
         if s.kind == "hw":
             what = f"clean {r['clean_hw']:.3f} worst hw {r['worst_case_hw']:.3f} vs sw {r['worst_case_sw']:.3f}"
         elif s.kind == "eval":
