@@ -82,11 +82,18 @@ def plan_cpu() -> list[Step]:
         Step("eval", "cpu-fp-at"),
         Step("eval", "cpu-vq-w4a4-at"),
         Step("train", "cpu-vq-w2a2e8-at", {**ft, **mixed}),
+        # a stronger training attack (PGD-3 through the quantizers, 6 epochs: about N-FGSM's 10-epoch cost)
+        Step(
+            "train",
+            "cpu-vq-w4a4-pgd3-at",
+            {**ft, "wbits": 4, "abits": 4, "adv_train": "pgd", "adv_steps": 3, "epochs": 6},
+        ),  # fmt: skip
         Step("eval", "cpu-vq-w2a2e8-at"),
-        Step("train", "cpu-dq-w2a2e8-at", {**ft, **mixed, **DQ}),
-        Step("eval", "cpu-dq-w2a2e8-at"),
+        Step("eval", "cpu-vq-w4a4-pgd3-at"),
         Step("hw", "cpu-vq-w4a4-at"),
+        Step("train", "cpu-dq-w2a2e8-at", {**ft, **mixed, **DQ}),
         Step("hw", "cpu-vq-w2a2e8-at"),
+        Step("eval", "cpu-dq-w2a2e8-at"),
         Step("eval", "cpu-fp-at", eps=2.0),
         Step("eval", "cpu-vq-w4a4-at", eps=2.0),
         Step("eval", "cpu-vq-w2a2e8-at", eps=2.0),
@@ -356,6 +363,25 @@ def render(res: dict[str, Any]) -> str:
         )
     first = next(iter(res["eval"].values()), {})
     lines += ["", f"n = {first.get('n')} test images, seed {first.get('seed')}; attack set: {first.get('attack_set')}."]
+    if res.get("hw"):
+        lines += [
+            "",
+            "## The same models on their accelerator",
+            "",
+            "| model | eps | n | clean (accelerator) | worst case, accelerator | worst case, PyTorch (same images) "
+            "| difference | 2 SE | within 2 SE | each step (robust after it) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for key, h in res["hw"].items():
+            each = ", ".join(f"{k} {100 * v['alive_after']:.1f}%" for k, v in h["steps"].items())
+            lines.append(
+                f"| {key.split('@')[0]} | {h['eps']:g}/255 | {h['n']} | {100 * h['clean_hw']:.1f}% | "
+                f"**{100 * h['worst_case_hw']:.1f}%** | {100 * h['worst_case_sw']:.1f}% | "
+                f"{100 * (h['worst_case_hw'] - h['worst_case_sw']):+.1f} | {100 * h['two_se']:.1f} | "
+                f"{'yes' if h['within_two_se'] else 'no'} | {each} |"
+            )
+        h0 = next(iter(res["hw"].values()))
+        lines += ["", f"Accelerator: {h0['board']} FINN build, bit-exact simulator; {h0['attack_set']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -387,9 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "robust_gpu.json"
     if a.report:
+        from benchmarks.common import machine, machine_line
+
         res = _read(res_path)
-        a.report.write_text(render(res))
-        print(render(res))
+        head = (f"# Robust low-bit CNVs, arm '{a.arm}'\n\nCommand: `python -m benchmarks.robust_gpu --arm {a.arm} "
+                f"--data DATA --work WORK` (resumable; one worker per core may share WORK), then `--report`. "
+                f"Device: {res.get('machine', '?')}. Report written on: {machine_line(machine())}. Each step's "
+                "wall time is in the JSON (`time_s`).\n\n")  # fmt: skip
+        rd.write_text(a.report, head + render(res))
+        if a.report.suffix == ".md":
+            rd.write_json(a.report.with_suffix(".json"), res)
+        print(head + render(res))
         return 0
     machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     t_start = time.time()
