@@ -65,8 +65,10 @@ def machine_line(m: dict[str, Any]) -> str:
 def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
-    js.write_text(json.dumps(data, indent=2) + "\n")
-    md.write_text(markdown.rstrip() + "\n")
+    from hw_dq.run import write_text  # atomic: a killed benchmark never leaves half a results file
+
+    write_text(js, json.dumps(data, indent=2) + "\n")
+    write_text(md, markdown.rstrip() + "\n")
     return js, md
 
 
