@@ -251,14 +251,15 @@ def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dic
     from hw_dq import api
     from hw_dq import run as rd
     from hw_dq.data import load_split, to_float
+    from hw_dq.errors import HwDqError
     from hw_dq.fpga.hwattack import attack_hw
     from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
 
     t0 = time.time()
     run = work / s.run
-    if not (run / "build" / BOARD.lower() / "build_report.json").is_file() and not any(
-        (run / "build").glob("*/build_report.json")
-    ):
+    try:
+        find_build(run, BOARD)
+    except HwDqError:  # not built yet (a finished build is reused)
         api.build(run, BOARD)
     t_build = time.time() - t0
     sim = load_simulator(find_build(run, BOARD))
