@@ -39,6 +39,25 @@ def _says(*texts: str) -> None:
         assert t in " ".join(README.split()), f"README does not say {t!r} (as the committed result gives it)"
 
 
+def test_robust_cpu_scale_table_matches_its_results_file() -> None:
+    res = _load("robust_cpu.json")
+    ev = res["eval"]
+    names = {"FP + AT": "cpu-fp-at", "VQ w4a4 + AT (N-FGSM)": "cpu-vq-w4a4-at",
+             "VQ w4a4 + AT (PGD-3)": "cpu-vq-w4a4-pgd3-at",
+             "VQ w2a2, 8-bit first/last layer, + AT": "cpu-vq-w2a2e8-at"}  # fmt: skip
+    rows = _table("| model, CPU scale |")
+    assert len(rows) == len(names)
+    for row in rows:
+        e8 = ev[f"{names[row[0]]}@8"]
+        assert e8["n"] == 1000 and "AutoAttack standard" in e8["attack_set"]
+        r = e8["robust"]
+        want = [_pct(e8["clean"]), _pct(e8["worst_case"]), _pct(r["autoattack"]), _pct(r["bpda-pgd"]),
+                _pct(r["temperature-pgd"])]  # fmt: skip
+        assert row[1:] == want, (row, want)
+    for h in res.get("hw", {}).values():  # the accelerator's worst case the README quotes
+        _says(f"{_pct(h['worst_case_hw'])} on its accelerator")
+
+
 def test_robust_sample_table_matches_its_results_file() -> None:
     ev = _load("robust_sample.json")["eval"]
     names = {"FP + AT": "sm-fp-at", "VQ w4a4 + AT": "sm-vq-w4a4-at", "DQ w4a4 + AT": "sm-dq-w4a4-at",
