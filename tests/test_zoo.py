@@ -11,8 +11,11 @@ from hw_dq import zoo
 from hw_dq.errors import ConfigError
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
-NAMES = ["sm-dq-w2a2-at", "sm-dq-w4a4-at", "sm-fp-at", "sm-vq-w2a1-at", "sm-vq-w2a2-at", "sm-vq-w4a4-at"]
+SAMPLE = ["sm-dq-w2a2-at", "sm-dq-w4a4-at", "sm-fp-at", "sm-vq-w2a1-at", "sm-vq-w2a2-at", "sm-vq-w4a4-at"]
+CPU = ["cpu-fp-at", "cpu-vq-w2a2e8-at", "cpu-vq-w4a4-pgd3-at"]  # CIFAR-10 models: --data-dir to use them
+NAMES = sorted(SAMPLE + CPU)
 BENCH = json.loads((ROOT / "benchmarks" / "results" / "robust_sample.json").read_text())
+BENCH_CPU = json.loads((ROOT / "benchmarks" / "results" / "robust_cpu.json").read_text())
 
 
 def _tree(path: Path) -> dict[str, int]:
@@ -30,7 +33,7 @@ def test_zoo_is_small_portable_and_cites_its_results() -> None:
         assert str(ROOT.parent) not in text and ".gpu" not in text and '"/' not in text, name  # no machine paths
         res = json.loads((folder / "result.json").read_text())
         assert (ROOT / res["source"]).is_file()
-        ev = BENCH["eval"][f"{name}@8"]
+        ev = (BENCH if name in SAMPLE else BENCH_CPU)["eval"][f"{name}@8"]
         assert res["clean_acc"] == ev["clean"] and res["robust"]["8"] == ev["worst_case"]
     listing = run_cli("zoo")
     assert listing.returncode == 0, listing.stderr
@@ -67,3 +70,14 @@ def test_unknown_zoo_name_and_foreign_copy_are_one_line(tmp_path: Path, monkeypa
     assert (other / "model.safetensors").read_bytes() == b"not the zoo's weights"
     assert zoo.materialise("zoo:sm-dq-w2a2-at") == tmp_path / "elsewhere" / "zoo" / "sm-dq-w2a2-at"
     assert_one_line_error(run_cli("lipschitz", "zoo:sm-fp-at", cwd=tmp_path), "does not hold", "HW_DQ_RUNS_DIR")
+
+
+def test_cpu_scale_zoo_model_is_the_one_behind_its_table(tmp_path: Path, shared_data: Path) -> None:
+    """The CIFAR-10 zoo models take the user's --data-dir; the weights reproduce the committed clean accuracy."""
+    name = "cpu-vq-w4a4-pgd3-at"
+    proc = run_cli("attack", f"zoo:{name}", "--attacks", "fgsm", "--n", "1000", "--no-sanity", "--quiet",
+                   "--data-dir", str(shared_data), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((tmp_path / "runs" / "zoo" / name / "attacks" / "robustness.json").read_text())
+    assert rec["clean_acc"] == pytest.approx(BENCH_CPU["eval"][f"{name}@8"]["clean"], abs=1e-6)
+    assert rec["evaluations"][0]["robust_acc"] < rec["clean_acc"]
