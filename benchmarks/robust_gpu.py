@@ -295,6 +295,46 @@ def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dic
     }  # fmt: skip
 
 
+def hw_transfer(work: Path, data: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """The quick half of the accelerator step, for every evaluated quantized model: its FINN build's
+    clean accuracy and the PyTorch model's AutoAttack examples transferred to it, on all the
+    evaluation's images (an upper bound on the accelerator's worst case: no query attack on it)."""
+    import numpy as np
+    import torch
+
+    from hw_dq import api
+    from hw_dq import run as rd
+    from hw_dq.data import load_split, to_float
+    from hw_dq.errors import HwDqError
+    from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
+
+    out = {}
+    for key, ev in res["eval"].items():
+        run = work / key.split("@")[0]
+        adv_path = run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors"
+        if rd.read_json(run / rd.CONFIG)["model"].get("wbits") is None or not adv_path.is_file():
+            continue
+        try:
+            find_build(run, BOARD)
+        except HwDqError:
+            api.build(run, BOARD)
+        sim = load_simulator(find_build(run, BOARD))
+        te = load_split("cifar10", "test", data).take(ev["n"], 0)
+        x = uint8_grid(to_float(torch.from_numpy(te.x)).numpy()) / 255.0
+        y = te.y.astype(np.int64)
+        hw_clean = hw_labels(sim, x) == y
+        adv = uint8_grid(rd.load_tensors(adv_path)[0]["x_adv"].numpy()) / 255.0
+        hw = hw_clean & (hw_labels(sim, adv) == y)
+        sw = np.array([c == "1" for c in ev["worst_mask"]])
+        sw_clean = np.array([c == "1" for c in ev["clean_mask"]])
+        p = max(float(sw.mean()), 1.0 / len(y))
+        agree = float((hw_clean == sw_clean).mean())
+        out[key] = {"n": len(y), "clean_hw": float(hw_clean.mean()), "clean_agreement": agree,
+                    "transfer_autoattack_hw": float(hw.mean()), "worst_case_sw": float(sw.mean()),
+                    "two_se": 2 * float(np.sqrt(p * (1 - p) / len(y)))}  # fmt: skip
+    return out
+
+
 def _key(s: Step) -> str:
     return s.run if s.kind == "train" else f"{s.run}@{s.eps:g}"
 
@@ -364,6 +404,24 @@ def render(res: dict[str, Any]) -> str:
         )
     first = next(iter(res["eval"].values()), {})
     lines += ["", f"n = {first.get('n')} test images, seed {first.get('seed')}; attack set: {first.get('attack_set')}."]
+    if res.get("hw_transfer"):
+        lines += [
+            "",
+            "## The accelerator under AutoAttack's transferred examples (all evaluation images)",
+            "",
+            "| model | eps | n | clean (accelerator) | clean agreement with PyTorch "
+            "| transferred AutoAttack, accelerator | worst case, PyTorch | difference | 2 SE |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, h in res["hw_transfer"].items():
+            lines.append(
+                f"| {key.split('@')[0]} | {key.split('@')[1]}/255 | {h['n']} | {100 * h['clean_hw']:.1f}% | "
+                f"{100 * h['clean_agreement']:.1f}% | **{100 * h['transfer_autoattack_hw']:.1f}%** | "
+                f"{100 * h['worst_case_sw']:.1f}% | {100 * (h['transfer_autoattack_hw'] - h['worst_case_sw']):+.1f} | "
+                f"{100 * h['two_se']:.1f} |"
+            )
+        lines += ["", f"Accelerator: {BOARD} FINN build, bit-exact simulator. Transfer only: an upper bound on the "
+                  "accelerator's worst case (the full `hw` step adds Square 5,000 and HopSkipJump on it)."]  # fmt: skip
     if res.get("hw"):
         lines += [
             "",
@@ -394,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no new step after this many seconds")
     ap.add_argument("--n", type=int, default=1000, help="test images per evaluation")
     ap.add_argument("--n-hw", type=int, default=500, help="test images (the first of the --n) on the accelerator")
+    ap.add_argument(
+        "--hw-transfer",
+        action="store_true",
+        help="only: every quantized model's build, clean and "
+        "transferred AutoAttack on the accelerator (quick; the full 'hw' step adds Square and HopSkipJump)",
+    )
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--report", type=Path, help="only write the markdown table of WORK_DIR's results to this file")
     ap.add_argument(
@@ -413,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     a.n_hw = min(a.n_hw, n)
     a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "robust_gpu.json"
+    if a.hw_transfer:
+        res = _read(res_path)
+        res["hw_transfer"] = hw_transfer(a.work, a.data, res)
+        rd.write_json(res_path, res)
+        print(json.dumps(res["hw_transfer"], indent=1))
+        return 0
     if a.report:
         from benchmarks.common import machine, machine_line
 
