@@ -15,7 +15,6 @@ whether AutoAttack is at most the composite or within two binomial standard erro
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -33,7 +32,9 @@ MODELS = {"VQ": 0.0, "DQ": 3e-4}
 
 def two_se(p: float, n: int) -> float:
     """Two binomial standard errors of an accuracy p on n images (floored at about one image)."""
-    return 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
+    from hw_dq.robust.sanity import tolerance
+
+    return tolerance(p, n, 0.0)
 
 
 def main() -> None:

@@ -164,8 +164,10 @@ def _pct(v: float | None) -> str:
 
 
 def _se2(p: float, n: int) -> float:
-    """Two binomial standard errors, 2 sqrt(p(1-p)/n)."""
-    return 2 * math.sqrt(p * (1 - p) / n)
+    """Two binomial standard errors, 2 sqrt(p(1-p)/n) (floored at about one image, as everywhere in hw-dq)."""
+    from hw_dq.robust.sanity import tolerance
+
+    return tolerance(p, n, 0.0)
 
 
 def _per_seed(v: dict[str, Any], key: str) -> dict[str, float]:

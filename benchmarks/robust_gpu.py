@@ -240,6 +240,37 @@ def eval_step(s: Step, work: Path, data: Path, n: int, device: str, aa_mode: str
 BOARD = "Pynq-Z1"
 
 
+def _transfer(run: Path, ev: dict[str, Any], data: Path, n: int) -> dict[str, Any]:
+    """The first ``n`` of an evaluation's images on the run's accelerator (built for the Pynq-Z1 if it
+    is not yet; take() sorts, so take(n) would be another set): the clean flags, and the flags after
+    the PyTorch model's AutoAttack examples are transferred to it, beside the PyTorch flags."""
+    import numpy as np
+    import torch
+
+    from hw_dq import api
+    from hw_dq import run as rd
+    from hw_dq.data import load_split, to_float
+    from hw_dq.errors import HwDqError
+    from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
+
+    t0 = time.time()
+    try:
+        find_build(run, BOARD)
+    except HwDqError:  # not built yet (a finished build is reused)
+        api.build(run, BOARD)
+    build_s = time.time() - t0
+    sim = load_simulator(find_build(run, BOARD))
+    te = load_split("cifar10", "test", data).take(ev["n"], 0)
+    x = uint8_grid(to_float(torch.from_numpy(te.x[:n])).numpy()) / 255.0
+    y = te.y[:n].astype(np.int64)
+    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors")[0]["x_adv"][:n].numpy()
+    clean = hw_labels(sim, x) == y
+    flags = lambda m: np.array([c == "1" for c in m[:n]])  # noqa: E731 - the masks' "0"/"1" strings
+    return {"sim": sim, "x": x, "y": y, "hw_clean": clean, "build_s": build_s,
+            "hw_transfer": clean & (hw_labels(sim, uint8_grid(adv) / 255.0) == y),
+            "sw_clean": flags(ev["clean_mask"]), "sw_worst": flags(ev["worst_mask"])}  # fmt: skip
+
+
 def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dict[str, Any]:
     """The same images on the run's accelerator (FINN build for the Pynq-Z1, bit-exact simulator):
     the PyTorch model's AutoAttack examples transferred, then Square (5,000 queries) and HopSkipJump
@@ -248,50 +279,33 @@ def hw_step(s: Step, work: Path, data: Path, n: int, res: dict[str, Any]) -> dic
     import numpy as np
     import torch
 
-    from hw_dq import api
     from hw_dq import run as rd
-    from hw_dq.data import load_split, to_float
-    from hw_dq.errors import HwDqError
     from hw_dq.fpga.hwattack import attack_hw
-    from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
+    from hw_dq.robust.sanity import tolerance
 
     t0 = time.time()
-    run = work / s.run
-    try:
-        find_build(run, BOARD)
-    except HwDqError:  # not built yet (a finished build is reused)
-        api.build(run, BOARD)
-    t_build = time.time() - t0
-    sim = load_simulator(find_build(run, BOARD))
-    model, _ = rd.load_model(run)
     ev = res["eval"][f"{s.run}@{s.eps:g}"]
-    n = min(n, ev["n"])  # the first n of the evaluation's images (take() sorts, so take(n) is another set)
-    te = load_split("cifar10", "test", data).take(ev["n"], 0)
-    x = uint8_grid(to_float(torch.from_numpy(te.x[:n])).numpy()) / 255.0
-    y = te.y[:n].astype(np.int64)
-    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{s.eps:g}.safetensors")[0]["x_adv"][:n].numpy()
-    alive = hw_labels(sim, x) == y
-    hw_clean = float(alive.mean())
-    steps: dict[str, Any] = {}
-    t = time.time()
-    alive &= hw_labels(sim, uint8_grid(adv) / 255.0) == y
-    steps["transfer-autoattack"] = {"alive_after": float(alive.mean()), "wall_s": time.time() - t}
+    n = min(n, ev["n"])
+    t = _transfer(work / s.run, ev, data, n)
+    model, _ = rd.load_model(work / s.run)
+    alive = t["hw_transfer"].copy()
+    steps: dict[str, Any] = {"transfer-autoattack": {"alive_after": float(alive.mean())}}
     for atk in ("square", "hsj"):
         idx = np.flatnonzero(alive)
         if len(idx):
-            r = attack_hw(atk, model, sim, x[idx].astype(np.float32), y[idx], s.eps, seed=0, queries=5000, locate=0)
+            r = attack_hw(atk, model, t["sim"], t["x"][idx].astype(np.float32), t["y"][idx], s.eps, seed=0,
+                          queries=5000, locate=0)  # fmt: skip
             alive[idx] &= np.array([c == "1" for c in r.robust_mask])
             steps[atk] = {"attacked": int(len(idx)), "alive_after": float(alive.mean()), "wall_s": r.wall_s,
                           "params": r.params}  # fmt: skip
-    sw_worst = np.array([c == "1" for c in ev["worst_mask"][:n]])
-    sw, hw = float(sw_worst.mean()), float(alive.mean())
-    se = float(np.sqrt(max(sw * (1 - sw), hw * (1 - hw), 1.0 / n) / n))
+    sw, hw = float(t["sw_worst"].mean()), float(alive.mean())
+    two_se = tolerance(sw, n, 0.0)
     return {
-        "eps": s.eps, "n": n, "seed": 0, "board": BOARD, "clean_hw": hw_clean, "worst_case_hw": hw,
-        "worst_case_sw": sw, "two_se": 2 * se, "within_two_se": abs(hw - sw) <= 2 * se,
+        "eps": s.eps, "n": n, "seed": 0, "board": BOARD, "clean_hw": float(t["hw_clean"].mean()), "worst_case_hw": hw,
+        "worst_case_sw": sw, "two_se": two_se, "within_two_se": abs(hw - sw) <= two_se,
         "attack_set": "transfer of AutoAttack standard (PyTorch model) + Square 5,000 + HopSkipJump (5,000-query "
                       "budget) on the bit-exact simulator, cascaded on survivors, per-image worst case",
-        "steps": steps, "hw_mask": _mask(torch.from_numpy(alive)), "build_s": t_build, "time_s": time.time() - t0,
+        "steps": steps, "hw_mask": _mask(torch.from_numpy(alive)), "build_s": t["build_s"], "time_s": time.time() - t0,
     }  # fmt: skip
 
 
@@ -299,39 +313,21 @@ def hw_transfer(work: Path, data: Path, res: dict[str, Any]) -> dict[str, Any]:
     """The quick half of the accelerator step, for every evaluated quantized model: its FINN build's
     clean accuracy and the PyTorch model's AutoAttack examples transferred to it, on all the
     evaluation's images (an upper bound on the accelerator's worst case: no query attack on it)."""
-    import numpy as np
-    import torch
-
-    from hw_dq import api
     from hw_dq import run as rd
-    from hw_dq.data import load_split, to_float
-    from hw_dq.errors import HwDqError
-    from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
+    from hw_dq.robust.sanity import tolerance
 
     out = {}
     for key, ev in res["eval"].items():
         run = work / key.split("@")[0]
-        adv_path = run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors"
-        if rd.read_json(run / rd.CONFIG)["model"].get("wbits") is None or not adv_path.is_file():
+        quantized = rd.read_json(run / rd.CONFIG)["model"].get("wbits") is not None
+        if not quantized or not (run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors").is_file():
             continue
-        try:
-            find_build(run, BOARD)
-        except HwDqError:
-            api.build(run, BOARD)
-        sim = load_simulator(find_build(run, BOARD))
-        te = load_split("cifar10", "test", data).take(ev["n"], 0)
-        x = uint8_grid(to_float(torch.from_numpy(te.x)).numpy()) / 255.0
-        y = te.y.astype(np.int64)
-        hw_clean = hw_labels(sim, x) == y
-        adv = uint8_grid(rd.load_tensors(adv_path)[0]["x_adv"].numpy()) / 255.0
-        hw = hw_clean & (hw_labels(sim, adv) == y)
-        sw = np.array([c == "1" for c in ev["worst_mask"]])
-        sw_clean = np.array([c == "1" for c in ev["clean_mask"]])
-        p = max(float(sw.mean()), 1.0 / len(y))
-        agree = float((hw_clean == sw_clean).mean())
-        out[key] = {"n": len(y), "clean_hw": float(hw_clean.mean()), "clean_agreement": agree,
-                    "transfer_autoattack_hw": float(hw.mean()), "worst_case_sw": float(sw.mean()),
-                    "two_se": 2 * float(np.sqrt(p * (1 - p) / len(y)))}  # fmt: skip
+        t = _transfer(run, ev, data, ev["n"])
+        sw = float(t["sw_worst"].mean())
+        out[key] = {"n": ev["n"], "clean_hw": float(t["hw_clean"].mean()),
+                    "clean_agreement": float((t["hw_clean"] == t["sw_clean"]).mean()),
+                    "transfer_autoattack_hw": float(t["hw_transfer"].mean()), "worst_case_sw": sw,
+                    "two_se": tolerance(sw, ev["n"], 0.0)}  # fmt: skip
     return out
 
 
