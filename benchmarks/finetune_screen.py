@@ -1,0 +1,169 @@
+"""How much quantized fine-tuning a robust FP twin can take: AutoAttack's APGD-CE + APGD-T against
+the length, learning rate and training attack of the fine-tune, at CPU scale.
+
+Every variant starts from the same robust FP twin (``robust_gpu --arm cpu``'s ``cpu-fp-at``: half-width
+CNV, N-FGSM, 30 epochs on 10,000 CIFAR-10 images) and differs only in the fine-tune. A screen, not the
+standard: the reference AutoAttack's two gradient components (APGD-CE, then APGD-T with 9 targets,
+100 iterations each, the standard budgets) on 500 of the 1,000 evaluation images (every second one:
+``take`` sorts by class, so a prefix would hold half the classes). The chosen recipe then gets the full
+evaluation (AutoAttack standard + adaptive attacks, 1,000 images) in ``robust_gpu``. The FP twin and
+the committed fine-tunes are scored on the same 500 images from their saved AutoAttack examples.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.finetune_screen --data ../shared/data --fp runs/robust-cpu \\
+        --work runs/scr [--only NAME,...]
+
+Resumable: a variant whose run directory holds a finished model with the same configuration is not
+retrained, and a finished screen is not rerun. Writes benchmarks/results/finetune_screen.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine, machine_line, md_table, write_results
+
+CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "batch_size": 128, "seed": 0,
+      "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
+PGD3 = {"adv_train": "pgd", "adv_steps": 3}
+# name -> (label, fine-tune settings); each starts from the FP twin
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **PGD3, "epochs": 2, "lr": 0.0005}),
+    "ptq-w4a4e8": ("w4a4 + 8-bit ends, PGD-3, 2 epochs at lr 0.0005",
+                   {"wbits": 4, "abits": 4, "end_bits": 8, **PGD3, "epochs": 2, "lr": 0.0005}),
+    "lr002-w4a4": ("w4a4, PGD-3, 4 epochs at lr 0.002", {"wbits": 4, "abits": 4, **PGD3, "epochs": 4, "lr": 0.002}),
+    "pgd10-w4a4": ("w4a4, PGD-10, 6 epochs at lr 0.01",
+                   {"wbits": 4, "abits": 4, "adv_train": "pgd", "adv_steps": 10, "epochs": 6, "lr": 0.01}),
+    "ptq-w2a2e8": ("w2a2 + 8-bit ends, PGD-3, 2 epochs at lr 0.0005",
+                   {"wbits": 2, "abits": 2, "end_bits": 8, **PGD3, "epochs": 2, "lr": 0.0005}),
+    "lr005-w2a2e8": ("w2a2 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
+                     {"wbits": 2, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+}  # fmt: skip
+# committed models of robust_gpu's cpu arm, scored from their saved AutoAttack examples
+REFERENCES = {
+    "cpu-fp-at": "FP twin (N-FGSM, 30 epochs)",
+    "cpu-vq-w4a4-pgd3-at": "w4a4, PGD-3, 6 epochs at lr 0.02 (robust_cpu before)",
+    "cpu-vq-w4a4-at": "w4a4, N-FGSM, 10 epochs at lr 0.02",
+    "cpu-vq-w2a2e8-at": "w2a2 + 8-bit ends, N-FGSM, 10 epochs at lr 0.02",
+}
+N, STRIDE, EPS = 500, 2, 8.0
+
+
+def _images(data: Path) -> tuple[Any, Any]:
+    import torch
+
+    from hw_dq.data import load_split, to_float
+
+    te = load_split("cifar10", "test", data).take(1000, 0)
+    return to_float(torch.from_numpy(te.x[::STRIDE][:N])), torch.from_numpy(te.y[::STRIDE][:N]).long()
+
+
+def _correct(model: Any, x: Any, y: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + 250]).argmax(1) == y[i : i + 250] for i in range(0, len(y), 250)])
+
+
+def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> dict[str, Any]:
+    """Train a variant unless a finished run with the same configuration exists (a different one is an error)."""
+    from hw_dq import run as rd
+    from hw_dq.train.config import TrainConfig
+    from hw_dq.train.loop import train
+
+    want = TrainConfig(**{**CS, **cfg, "data_dir": str(data), "init_from": str(fp / "cpu-fp-at")})
+    out = work / name
+    if (out / rd.MODEL).is_file():
+        have = rd.read_json(out / rd.CONFIG)["train"]
+        diff = [k for k, v in vars(want).items() if k not in ("data_dir", "init_from") and have.get(k) != v]
+        if diff:
+            raise SystemExit(f"finetune_screen: {out} was trained with other settings ({', '.join(diff)}); "
+                             "move it away or pass another --work")  # fmt: skip
+    else:
+        train(want, out, resume=(out / rd.CHECKPOINT).is_file(), progress=False)
+    rows = rd.read_jsonl(out / rd.METRICS)
+    return {"epochs": len(rows), "train_s": sum(r.get("time_s", 0.0) for r in rows),
+            "holdout_pgd10": [r.get("holdout_pgd_acc") for r in rows]}  # fmt: skip
+
+
+def _screen(run: Path, x: Any, y: Any) -> dict[str, Any]:
+    from hw_dq import run as rd
+    from hw_dq.robust import autoattack as aa
+
+    done = run / f"screen_{N}_{EPS:g}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    model, _ = rd.load_model(run, device="cpu")
+    t = time.time()
+    out = aa.run(model, x, y, EPS / 255, version="standard", seed=0, batch_size=250,
+                 state_path=run / f"screen2_state_{N}_{EPS:g}", components=["apgd-ce", "apgd-t"])  # fmt: skip
+    clean = _correct(model, x, y)
+    res = {"clean": float(clean.float().mean()), "apgd": float((out.robust.bool() & clean).float().mean()),
+           "breakdown": out.breakdown, "time_s": time.time() - t}  # fmt: skip
+    rd.write_json(done, res)
+    return res
+
+
+def _reference(run: Path, x: Any, y: Any) -> dict[str, Any]:
+    """A committed model's clean and AutoAttack-standard flags on the same 500 images (saved examples)."""
+    from hw_dq import run as rd
+
+    model, _ = rd.load_model(run, device="cpu")
+    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{EPS:g}.safetensors")[0]["x_adv"][::STRIDE][:N]
+    clean = _correct(model, x, y)
+    return {"clean": float(clean.float().mean()), "autoattack": float((clean & _correct(model, adv, y)).float().mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path, help="folder with the CIFAR-10 .npz files")
+    ap.add_argument("--fp", required=True, type=Path, help="robust_gpu --arm cpu's WORK folder (holds cpu-fp-at)")
+    ap.add_argument("--work", required=True, type=Path, help="run directories of the variants")
+    ap.add_argument("--only", default="", help="comma list of variants (default: all)")
+    a = ap.parse_args(argv)
+    only = [v for v in a.only.split(",") if v] or list(VARIANTS)
+    bad = [v for v in only if v not in VARIANTS]
+    if bad or not (a.fp / "cpu-fp-at" / "model.safetensors").is_file():
+        what = f"unknown variant(s) {', '.join(bad)}" if bad else f"no finished cpu-fp-at under {a.fp}"
+        print(f"finetune_screen: {what} (see --help)", file=sys.stderr)
+        return 2
+    import torch
+
+    from hw_dq.robust.sanity import tolerance
+
+    torch.set_num_threads(1)
+    x, y = _images(a.data)
+    refs = {k: {"label": v, **_reference(a.fp / k, x, y)} for k, v in REFERENCES.items() if (a.fp / k).is_dir()}
+    rows: dict[str, Any] = {}
+    for name in only:
+        label, cfg = VARIANTS[name]
+        rows[name] = {"label": label, "config": cfg, **_train(name, cfg, a.work, a.fp, a.data),
+                      **_screen(a.work / name, x, y)}  # fmt: skip
+        print(f"{name}: clean {rows[name]['clean']:.3f} APGD-CE+APGD-T {rows[name]['apgd']:.3f}", flush=True)
+    fp = refs.get("cpu-fp-at", {}).get("autoattack")
+    table = [[f"{r['label']} (committed; AutoAttack standard)", f"{100 * r['clean']:.1f}%",
+               f"{100 * r['autoattack']:.1f}%", "-"] for r in refs.values()]  # fmt: skip
+    table += [[r["label"], f"{100 * r['clean']:.1f}%", f"{100 * r['apgd']:.1f}%",
+               ", ".join(f"{v:.3f}" for v in r["holdout_pgd10"])] for r in rows.values()]  # fmt: skip
+    m = machine()
+    md = (
+        f"# Quantized fine-tuning of a robust FP twin: how much it can take\n\nCommand: `python -m "
+        f"benchmarks.finetune_screen --data DATA --fp runs/robust-cpu --work runs/scr`. {machine_line(m)}.\n\n"
+        f"A screen: AutoAttack's APGD-CE + APGD-T (standard budgets) at 8/255 on {N} of the 1,000 evaluation "
+        f"images (every second), seed 0; committed models from their saved AutoAttack-standard examples on the "
+        f"same images. Two standard errors at the FP twin's accuracy: "
+        f"{100 * tolerance(fp, N, 0.0) if fp is not None else float('nan'):.1f} points.\n\n"
+        + md_table(["fine-tune from the FP twin", "clean", "robust 8/255", "held-out PGD-10 per epoch"], table)
+    )
+    write_results("finetune_screen", {"machine": m, "n": N, "stride": STRIDE, "eps": EPS, "seed": 0,
+                                      "references": refs, "variants": rows}, md)  # fmt: skip
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
