@@ -324,8 +324,10 @@ def hw_transfer(work: Path, data: Path, res: dict[str, Any]) -> dict[str, Any]:
     from hw_dq import run as rd
     from hw_dq.robust.sanity import tolerance
 
-    out = {}
+    out = dict(res.get("hw_transfer", {}))  # a model measured before is not redone
     for key, ev in res["eval"].items():
+        if key in out:
+            continue
         run = work / key.split("@")[0]
         quantized = rd.read_json(run / rd.CONFIG)["model"].get("wbits") is not None
         if not quantized or not (run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors").is_file():

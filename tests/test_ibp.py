@@ -104,3 +104,37 @@ def test_schedules_and_errors():
         ibp_margins(create_model("tiny", 2, 2), x, torch.zeros(2, dtype=torch.long), -1.0)
     with pytest.raises(ConfigError, match="kappa"):
         ibp_loss(create_model("tiny", 2, 2), x, torch.zeros(2, dtype=torch.long), 0.01, kappa=2.0)
+
+
+def test_row_projection_bounds_each_layers_interval_growth(batch):
+    """After ``project_rows_`` every BN-folded operator row has l1 norm <= C, so a box's radius grows by at
+    most C through each float conv/linear + BatchNorm pair (checked by propagating a box), while the
+    spectral projection leaves that growth far above C on the same model."""
+    from hw_dq.nn import lipschitz
+    from hw_dq.nn.ibp import _layer, project_rows_
+
+    x = batch[0]
+    model = _model(None, None, batch)
+    c = 1.5
+    before = project_rows_(model, c)
+    assert max(before.values()) > 2 * c  # the projection had work to do
+    after = project_rows_(model, c)
+    assert all(v <= c * (1 + 1e-5) for v in after.values())
+    shapes = lipschitz.input_shapes(model, tuple(x.shape[1:]))
+    checked = 0
+    for ref in lipschitz.lipschitz_layers(model):
+        if ref.bn is None:
+            continue
+        r_in = EPS
+        c_in = torch.rand((4, *shapes[ref.name]), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            l1, h1 = _layer(ref.bn, *_layer(ref.layer, c_in - r_in, c_in + r_in))
+        assert float((h1 - l1).max() / 2) <= c * r_in * (1 + 1e-4)
+        checked += 1
+    assert checked >= 2
+    # the spectral bound at the same C leaves the Linf growth of some layer well above C
+    other = _model(None, None, batch)
+    lipschitz.project_(other, c, target="bn_folded", first_iters=50)
+    assert max(project_rows_(other, 1e9).values()) > 2 * c
+    with pytest.raises(ConfigError, match="row-norm bound"):
+        project_rows_(model, 0.0)

@@ -104,6 +104,29 @@ def test_adversarial_training_runs_the_attack_and_keeps_the_best_robust_epoch(tm
     assert any(not torch.equal(other[k], kept[k]) for k in kept if k.endswith("weight"))
 
 
+def test_ibp_run_keeps_the_epoch_with_the_best_held_out_certificate(tmp_path):
+    """Certified training chooses its kept epoch by what IBP certifies on the held-out images (a sound
+    bound, the quantity it optimises), not by PGD; the figure logged is the bound's own."""
+    from hw_dq.data import to_float
+    from hw_dq.nn.ibp import certified_fraction
+
+    cfg = TrainConfig(**dict(SMALL, epochs=3, wbits=2, abits=2, robust_eval_n=64), adv_train="ibp", adv_eps=2.0)
+    assert loop.selection_key(cfg) == "holdout_certified_acc"
+    assert loop.selection_key(TrainConfig(**SMALL, adv_train="pgd")) == "holdout_pgd_acc"
+    train(cfg, tmp_path / "ibp", progress=False)
+    rows = rd.read_jsonl(tmp_path / "ibp" / "metrics.jsonl")
+    certs = [r["holdout_certified_acc"] for r in rows]
+    assert all("holdout_pgd_acc" in r for r in rows)
+    _, meta = rd.load_tensors(tmp_path / "ibp" / "best_robust.safetensors")
+    best = max(range(3), key=lambda i: (certs[i], -i))
+    assert int(meta["epoch"]) == best and meta["holdout_certified_acc"] == certs[best]
+    # the logged figure is IBP's certificate of the kept weights on the held-out images
+    model, _ = rd.load_model(tmp_path / "ibp", device="cpu")
+    held = loop._load_data(cfg).holdout
+    x, y = to_float(torch.from_numpy(held.x)), torch.from_numpy(held.y).long()
+    assert certified_fraction(model, x, y, 2.0 / 255) == pytest.approx(certs[best], abs=1e-9)
+
+
 def test_collapse_is_detected_from_the_held_out_curve():
     assert adv.collapsed([0.30, 0.35], 0.05)
     assert not adv.collapsed([0.30, 0.35], 0.30)
@@ -138,6 +161,7 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--adv-train", "pgd", "--adv-steps", "0"], "--adv-steps"),
         (["--adv-train", "trades", "--trades-beta", "-1"], "--trades-beta"),
         (["--adv-train", "mart"], "invalid choice"),
+        (["--lipschitz-project", "2", "--lipschitz-norm", "1"], "invalid choice"),
     ],
 )
 def test_bad_adversarial_recipe_is_one_line(tmp_path, flags, needle):

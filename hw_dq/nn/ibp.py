@@ -17,6 +17,7 @@ pinned torch 2.x, and it has no rule for Brevitas' quantizers; the models here a
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -150,6 +151,44 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
         return clean
     robust = F.cross_entropy(-ibp_margins(model, x, y, eps), y)
     return kappa * clean + (1.0 - kappa) * robust
+
+
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layers (found once)
+
+
+@torch.no_grad()
+def project_rows_(model: nn.Module, max_norm: float, *, target: str = "bn_folded") -> dict[str, float]:
+    """Rescale every output channel whose row of the layer's operator has an l1 norm above ``max_norm``
+    (in place; call after each optimizer step). Returns each layer's largest row norm before.
+
+    The largest row l1 norm is a conv/linear layer's exact Linf-to-Linf operator norm: the factor by
+    which an input box's radius can grow through it, which is what interval bounds pay per layer
+    (the spectral norm of :func:`hw_dq.nn.lipschitz.project_` bounds it only up to sqrt(fan-in)).
+    The operator is ``target``'s (:func:`hw_dq.nn.lipschitz.folded_operator`: the float weight,
+    BN-folded, or also range-scaled, in which case it is the growth in integer codes). A layer with
+    a BatchNorm is rescaled through that channel's gamma, one without through the channel's weights.
+    """
+    from hw_dq.nn import lipschitz
+
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ConfigError(f"invalid row-norm bound {max_norm}: use a positive number")
+    if target not in lipschitz.TARGETS:
+        raise ConfigError(f"unknown Lipschitz target {target!r}; choose one of {', '.join(lipschitz.TARGETS)}")
+    refs = _ROWS.get(model)
+    if refs is None:
+        refs = _ROWS[model] = lipschitz.lipschitz_layers(model)
+    norms = {}
+    for ref in refs:
+        w = ref.layer.weight
+        rows = lipschitz.folded_operator(ref, w, target).abs().reshape(w.shape[0], -1).sum(1)
+        norms[ref.name] = float(rows.max())
+        factor = (max_norm / rows.clamp_min(1e-12)).clamp(max=1.0)
+        if bool((factor < 1).any()):
+            if ref.bn is not None and target != "weight":
+                ref.bn.weight.mul_(factor.to(ref.bn.weight))
+            else:
+                w.mul_(factor.reshape(-1, *([1] * (w.dim() - 1))))
+    return norms
 
 
 def eps_schedule(step: int, total: int, eps_max: float, warmup: float = 0.1, ramp: float = 0.5) -> float:

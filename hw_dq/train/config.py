@@ -57,6 +57,9 @@ class TrainConfig:
                                "defensive quantization", choices=lipschitz.TARGETS)  # fmt: skip
     lipschitz_project: float = _f(0.0, "after each step, rescale every layer whose operator norm (--lipschitz-target) "
                                   "exceeds this bound (0 = off)", "defensive quantization", metavar="C")  # fmt: skip
+    lipschitz_norm: str = _f("2", "norm --lipschitz-project bounds: 2 (spectral, power iteration) or inf (each row's "
+                             "l1 norm, exact: how much an interval's radius can grow, for certified training)",
+                             "defensive quantization", choices=("2", "inf"))  # fmt: skip
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(128, "global batch size")
     lr: float = _f(0.05, "peak learning rate (SGD)")
@@ -128,6 +131,8 @@ class TrainConfig:
              f"invalid --bn-gain-max {self.bn_gain_max}: must be a positive number"),
             (math.isfinite(self.lipschitz_project) and self.lipschitz_project >= 0,
              f"invalid --lipschitz-project {self.lipschitz_project}: must be >= 0 (0 = off)"),
+            (self.lipschitz_norm in ("2", "inf"),
+             f"unknown --lipschitz-norm {self.lipschitz_norm!r}: use 2 (spectral) or inf (row l1 norms)"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.grad_clip >= 0, f"invalid grad_clip {self.grad_clip}: must be >= 0 (0 = off)"),
         ]  # fmt: skip

@@ -27,6 +27,7 @@ from hw_dq import run as rd
 from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator, to_float
 from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
+from hw_dq.nn.ibp import project_rows_
 from hw_dq.nn.models import model_from_config
 from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
 from hw_dq.train import adversarial as adv
@@ -236,6 +237,30 @@ def _robust_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, dev
     return adv.robust_accuracy(model, x, y, cfg.adv_eps, steps=10, seed=cfg.seed)
 
 
+def _certified_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, device: str) -> float:
+    """Held-out fraction IBP certifies at ``adv_eps`` (eval mode: BatchNorm's running statistics)."""
+    from hw_dq.nn.ibp import certified_fraction
+
+    was = model.training
+    model.eval()
+    x, y = to_float(torch.from_numpy(holdout.x)), torch.from_numpy(holdout.y).long()
+    try:
+        fracs = [certified_fraction(model, x[i : i + 250].to(device), y[i : i + 250].to(device), cfg.adv_eps / 255.0)
+                 * len(y[i : i + 250]) for i in range(0, len(y), 250)]  # fmt: skip
+    finally:
+        model.train(was)
+    return sum(fracs) / max(1, len(y))
+
+
+_LABEL = {"holdout_pgd_acc": "PGD", "holdout_certified_acc": "certified"}
+
+
+def selection_key(cfg: TrainConfig) -> str:
+    """The held-out metric the kept epoch is chosen by: for certified training (IBP) the fraction IBP
+    certifies, the quantity the recipe optimises and a sound bound; otherwise PGD-10 accuracy."""
+    return "holdout_certified_acc" if cfg.adv_train == "ibp" else "holdout_pgd_acc"
+
+
 def fit(
     cfg: TrainConfig,
     out: str | Path,
@@ -304,7 +329,8 @@ def fit(
 
     reg_layers = lipschitz.lipschitz_layers(model)  # found once, not on every step
     recipe = cfg.adv
-    history = [r["holdout_pgd_acc"] for r in rd.read_jsonl(run / rd.METRICS) if "holdout_pgd_acc" in r]
+    key = selection_key(cfg)
+    history = [r[key] for r in rd.read_jsonl(run / rd.METRICS) if key in r]
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -343,7 +369,9 @@ def fit(
                 # the orthogonality penalty's gradient is cubic in W: one large step can blow it up
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            if cfg.lipschitz_project:
+            if cfg.lipschitz_project and cfg.lipschitz_norm == "inf":
+                project_rows_(model, cfg.lipschitz_project, target=cfg.lipschitz_target)
+            elif cfg.lipschitz_project:
                 lipschitz.project_(model, cfg.lipschitz_project, target=cfg.lipschitz_target, sample_shape=data.shape)
             n = yb.shape[0]
             s["loss"] += float(loss.detach()) * n
@@ -377,12 +405,14 @@ def fit(
             "lipschitz_bound": rep["network_bound"],
         }
         if data.holdout is not None:
-            acc = _robust_check(model, data.holdout, cfg, device)
-            row["holdout_pgd_acc"] = acc
+            row["holdout_pgd_acc"] = _robust_check(model, data.holdout, cfg, device)
+            if key != "holdout_pgd_acc":
+                row[key] = _certified_check(model, data.holdout, cfg, device)
+            acc = row[key]
             row["collapse"] = adv.collapsed(history, acc)
             if dist_.main and cfg.keep_best and acc > max(history, default=-1.0):
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-                rd.save_tensors(run / BEST, tensors, {"epoch": epoch, "holdout_pgd_acc": acc})
+                rd.save_tensors(run / BEST, tensors, {"epoch": epoch, key: acc})
             history.append(acc)
         row["time_s"] = time.time() - t0
         sums = {}
@@ -391,6 +421,7 @@ def fit(
             save(epoch + 1, 0, {}, done=epoch + 1 == cfg.epochs)
             if progress:
                 rob = f" held-out PGD-10 {row['holdout_pgd_acc']:.3f}" if "holdout_pgd_acc" in row else ""
+                rob += f" certified {row['holdout_certified_acc']:.3f}" if "holdout_certified_acc" in row else ""
                 print(
                     f"[{cfg.mode} {cfg.model} {cfg.tag} beta={cfg.beta:g} {cfg.adv_train}] "
                     f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} train {row['train_acc']:.3f} "
@@ -399,7 +430,7 @@ def fit(
                 )
                 if row.get("collapse"):
                     print(
-                        f"hw-dq: warning: held-out PGD accuracy collapsed to {row['holdout_pgd_acc']:.3f} "
+                        f"hw-dq: warning: held-out {_LABEL[key]} accuracy collapsed to {row[key]:.3f} "
                         f"(best {max(history):.3f}): catastrophic overfitting; the best epoch's weights are kept",
                         flush=True,
                     )
