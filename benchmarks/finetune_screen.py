@@ -33,6 +33,8 @@ PGD3 = {"adv_train": "pgd", "adv_steps": 3}
 # name -> (label, fine-tune settings); each starts from the FP twin
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **PGD3, "epochs": 2, "lr": 0.0005}),
+    "calib-w4a4": ("w4a4, PGD-3, 1 epoch at lr 1e-6 (ranges and BatchNorm calibrated, weights as the twin's)",
+                   {"wbits": 4, "abits": 4, **PGD3, "epochs": 1, "lr": 1e-6}),
     "ptq-w4a4e8": ("w4a4 + 8-bit ends, PGD-3, 2 epochs at lr 0.0005",
                    {"wbits": 4, "abits": 4, "end_bits": 8, **PGD3, "epochs": 2, "lr": 0.0005}),
     "lr002-w4a4": ("w4a4, PGD-3, 4 epochs at lr 0.002", {"wbits": 4, "abits": 4, **PGD3, "epochs": 4, "lr": 0.002}),
@@ -79,7 +81,8 @@ def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> 
     out = work / name
     if (out / rd.MODEL).is_file():
         have = rd.read_json(out / rd.CONFIG)["train"]
-        diff = [k for k, v in vars(want).items() if k not in ("data_dir", "init_from") and have.get(k) != v]
+        default = vars(TrainConfig())  # a field added since the run was made has its default there
+        diff = [k for k, v in vars(want).items() if k not in ("data_dir", "init_from") and have.get(k, default[k]) != v]
         if diff:
             raise SystemExit(f"finetune_screen: {out} was trained with other settings ({', '.join(diff)}); "
                              "move it away or pass another --work")  # fmt: skip

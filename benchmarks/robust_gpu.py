@@ -102,6 +102,7 @@ def plan_cpu() -> list[Step]:
             {**ft, "wbits": 4, "abits": 4, "adv_train": "pgd", "adv_steps": 3, "epochs": 2, "lr": 0.0005},
         ),  # fmt: skip
         Step("eval", "cpu-vq-w4a4-short-at"),
+        Step("hw", "cpu-vq-w4a4-short-at"),
         Step("eval", "cpu-fp-at", eps=2.0),
         Step("eval", "cpu-vq-w4a4-at", eps=2.0),
         Step("eval", "cpu-vq-w2a2e8-at", eps=2.0),
@@ -127,6 +128,9 @@ def plan(smoke: bool) -> list[Step]:
         Step("train", "cs-dq-w4a4-at", q(4, 4, **DQ)),
         Step("eval", "cs-vq-w4a4-at"),
         Step("eval", "cs-dq-w4a4-at"),
+        # the CPU arm's best w4a4 recipe: the short, low-learning-rate fine-tune
+        Step("train", "cs-vq-w4a4-short-at", q(4, 4, adv_train="pgd", adv_steps=3, epochs=2, lr=0.0005)),
+        Step("eval", "cs-vq-w4a4-short-at"),
         Step("eval", "cs-fp-at", eps=2.0),
         Step("eval", "cs-vq-w2a2-at", eps=2.0),
         Step("eval", "cs-dq-w2a2-at", eps=2.0),
@@ -152,6 +156,16 @@ def smoke_steps(steps: list[Step]) -> list[Step]:
             if s.kind != "hw"][:6]  # fmt: skip
     done = {s.run for s in head if s.kind == "eval"}
     return head + [s for s in steps if s.kind == "hw" and s.run in done][:1]
+
+
+def select(steps: list[Step], only: str) -> list[Step]:
+    """The steps ``only`` names (comma list of KIND:RUN, every eps, or KIND:RUN@EPS), in plan order;
+    ValueError naming any entry that matches no step."""
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    unknown = wanted - {f"{s.kind}:{_key(s)}" for s in steps} - {f"{s.kind}:{s.run}" for s in steps}
+    if unknown:
+        raise ValueError(f"--only names no step of the plan: {', '.join(sorted(unknown))} (see --help)")
+    return [s for s in steps if f"{s.kind}:{_key(s)}" in wanted or f"{s.kind}:{s.run}" in wanted]
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -486,9 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = 24 if a.smoke else a.n
     a.n_hw = min(a.n_hw, n)
-    a.work.mkdir(parents=True, exist_ok=True)
     res_path = a.work / "robust_gpu.json"
     if a.hw_transfer:
+        a.work.mkdir(parents=True, exist_ok=True)
         res = _read(res_path)
         res["hw_transfer"] = hw_transfer(a.work, a.data, res)
         rd.write_json(res_path, res)
@@ -513,12 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = arms[a.arm]() if a.arm in arms else plan(False)
     steps = smoke_steps(steps) if a.smoke else steps
     if a.only:
-        wanted = {w.strip() for w in a.only.split(",") if w.strip()}
-        unknown = wanted - {f"{s.kind}:{_key(s)}" for s in steps} - {f"{s.kind}:{s.run}" for s in steps}
-        if unknown:
-            print(f"robust_gpu: --only names no step of the plan: {', '.join(sorted(unknown))}", file=sys.stderr)
+        try:
+            steps = select(steps, a.only)
+        except ValueError as e:
+            print(f"robust_gpu: {e}", file=sys.stderr)
             return 2
-        steps = [s for s in steps if f"{s.kind}:{_key(s)}" in wanted or f"{s.kind}:{s.run}" in wanted]
+    a.work.mkdir(parents=True, exist_ok=True)
     while True:  # passes over the plan: a step whose input another worker is still making waits
         res = _read(res_path)
         todo = [s for s in steps if _key(s) not in res[s.kind]]

@@ -1,0 +1,62 @@
+"""The robust benchmarks' own inputs: which steps --only runs, and refusals that cost nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import finetune_screen, robust_gpu
+from tests.conftest import ROOT
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_only_selects_steps_by_run_or_by_eps() -> None:
+    steps = robust_gpu.plan_cpu()
+    both = robust_gpu.select(steps, "eval:cpu-dq-w2a2e8-at")
+    assert [(s.run, s.eps) for s in both] == [("cpu-dq-w2a2e8-at", 8.0), ("cpu-dq-w2a2e8-at", 2.0)]
+    one = robust_gpu.select(steps, "eval:cpu-dq-w2a2e8-at@2, train:cpu-vq-w4a4-short-at")
+    assert [(s.kind, s.run, s.eps) for s in one] == [("train", "cpu-vq-w4a4-short-at", 8.0),
+                                                     ("eval", "cpu-dq-w2a2e8-at", 2.0)]  # fmt: skip
+    with pytest.raises(ValueError, match="eval:cpu-nothing"):
+        robust_gpu.select(steps, "eval:cpu-dq-w2a2e8-at,eval:cpu-nothing")
+
+
+def test_robust_gpu_unknown_step_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc = _run("benchmarks.robust_gpu", "--arm", "cpu", "--data", str(tmp_path), "--work", str(work),
+                "--only", "hw:cpu-no-such-run")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "hw:cpu-no-such-run" in proc.stderr
+    assert not work.exists()
+
+
+def test_finetune_screen_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    proc = _run("benchmarks.finetune_screen", "--data", str(tmp_path), "--fp", str(tmp_path), "--work",
+                str(tmp_path / "w"))  # fmt: skip
+    assert proc.returncode == 2 and "no finished cpu-fp-at" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    fp = tmp_path / "cpu-fp-at"
+    fp.mkdir()
+    (fp / "model.safetensors").write_bytes(b"")
+    proc = _run("benchmarks.finetune_screen", "--data", str(tmp_path), "--fp", str(tmp_path), "--work",
+                str(tmp_path / "w"), "--only", "ptq-w4a4,nope")  # fmt: skip
+    assert proc.returncode == 2 and "nope" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "w").exists()
+
+
+def test_finetune_screen_never_reuses_a_run_trained_otherwise(tmp_path: Path) -> None:
+    """A finished run under the variant's name counts only if it was trained with the variant's settings."""
+    run = tmp_path / "w" / "ptq-w4a4"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"")
+    label, cfg = finetune_screen.VARIANTS["ptq-w4a4"]
+    stored = {**finetune_screen.CS, **cfg, "lr": 0.02}  # another learning rate than the variant's
+    (run / "config.json").write_text(json.dumps({"train": stored}))
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
