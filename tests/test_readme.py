@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from hw_dq.robust.sanity import tolerance
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -42,9 +43,10 @@ def _says(*texts: str) -> None:
 def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     res = _load("robust_cpu.json")
     ev = res["eval"]
-    names = {"FP + AT": "cpu-fp-at", "VQ w4a4 + AT (N-FGSM)": "cpu-vq-w4a4-at",
-             "VQ w4a4 + AT (PGD-3)": "cpu-vq-w4a4-pgd3-at",
-             "VQ w2a2, 8-bit first/last layer, + AT": "cpu-vq-w2a2e8-at"}  # fmt: skip
+    names = {"FP + AT": "cpu-fp-at", "VQ w4a4 + AT, short fine-tune (`robust_cpu`)": "cpu-vq-w4a4-short-at",
+             "VQ w4a4 + AT (PGD-3, 6 epochs)": "cpu-vq-w4a4-pgd3-at", "VQ w4a4 + AT (N-FGSM)": "cpu-vq-w4a4-at",
+             "VQ w2a2, 8-bit first/last layer, + AT": "cpu-vq-w2a2e8-at",
+             "DQ w2a2, 8-bit first/last layer, + AT": "cpu-dq-w2a2e8-at"}  # fmt: skip
     rows = _table("| model, CPU scale |")
     assert len(rows) == len(names)
     for row in rows:
@@ -55,10 +57,20 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
                 _pct(r["temperature-pgd"])]  # fmt: skip
         assert row[1:] == want, (row, want)
     tr = res["hw_transfer"]  # the accelerator figures the README quotes
-    _says(f"leave {_pct(tr['cpu-vq-w4a4-pgd3-at@8']['transfer_autoattack_hw'])} for w4a4 PGD-3, "
-          f"{_pct(tr['cpu-vq-w4a4-at@8']['transfer_autoattack_hw'])} for w4a4 N-FGSM and "
-          f"{_pct(tr['cpu-vq-w2a2e8-at@8']['transfer_autoattack_hw'])} for w2a2")  # fmt: skip
+    _says(f"leave {_pct(tr['cpu-vq-w4a4-short-at@8']['transfer_autoattack_hw'])} for the short w4a4 fine-tune "
+          f"(PyTorch worst case {_pct(tr['cpu-vq-w4a4-short-at@8']['worst_case_sw'])})")  # fmt: skip
     assert all(abs(h["transfer_autoattack_hw"] - h["worst_case_sw"]) <= h["two_se"] for h in tr.values())
+    # the paper's question at this scale, as the README states it
+    vq, dq = ev["cpu-vq-w2a2e8-at@2"], ev["cpu-dq-w2a2e8-at@2"]
+    dq8, vq8 = ev["cpu-dq-w2a2e8-at@8"]["worst_case"], ev["cpu-vq-w2a2e8-at@8"]["worst_case"]
+    _says(f"gives {_pct(dq8)} against {_pct(vq8)} at 8/255 and {_pct(dq['worst_case'])} against "
+          f"{_pct(vq['worst_case'])} at 2/255")  # fmt: skip
+    assert abs(dq["worst_case"] - vq["worst_case"]) <= tolerance(vq["worst_case"], vq["n"], 0.0)  # "equal"
+    # the shipped config is the recipe the table measured
+    cfg = json.loads((ROOT / "hw_dq" / "configs" / "robust_cpu.json").read_text())
+    step = res["train"]["cpu-vq-w4a4-short-at"]["config"]
+    assert {k: cfg[k] for k in step if k in cfg} == {k: step[k] for k in step if k in cfg}
+    assert {"epochs", "lr", "adv_train", "adv_steps", "wbits", "abits"} <= set(step) & set(cfg)
 
 
 def test_robust_sample_table_matches_its_results_file() -> None:

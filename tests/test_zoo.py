@@ -12,7 +12,8 @@ from hw_dq.errors import ConfigError
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 SAMPLE = ["sm-dq-w2a2-at", "sm-dq-w4a4-at", "sm-fp-at", "sm-vq-w2a1-at", "sm-vq-w2a2-at", "sm-vq-w4a4-at"]
-CPU = ["cpu-fp-at", "cpu-vq-w2a2e8-at", "cpu-vq-w4a4-pgd3-at"]  # CIFAR-10 models: --data-dir to use them
+CPU = ["cpu-dq-w2a2e8-at", "cpu-fp-at", "cpu-vq-w2a2e8-at", "cpu-vq-w4a4-pgd3-at", "cpu-vq-w4a4-short-at"]
+# (the CPU models are CIFAR-10 models: --data-dir to use them)
 NAMES = sorted(SAMPLE + CPU)
 BENCH = json.loads((ROOT / "benchmarks" / "results" / "robust_sample.json").read_text())
 BENCH_CPU = json.loads((ROOT / "benchmarks" / "results" / "robust_cpu.json").read_text())
@@ -74,7 +75,7 @@ def test_unknown_zoo_name_and_foreign_copy_are_one_line(tmp_path: Path, monkeypa
 
 def test_cpu_scale_zoo_model_is_the_one_behind_its_table(tmp_path: Path, shared_data: Path) -> None:
     """The CIFAR-10 zoo models take the user's --data-dir; the weights reproduce the committed clean accuracy."""
-    name = "cpu-vq-w4a4-pgd3-at"
+    name = "cpu-vq-w4a4-short-at"
     proc = run_cli("attack", f"zoo:{name}", "--attacks", "fgsm", "--n", "1000", "--no-sanity", "--quiet",
                    "--data-dir", str(shared_data), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,7 @@ from hw_dq.run import CONFIG, MODEL, REPO_ROOT, load_tensors, read_json, save_te
 NAMES = ("sm-fp-at", "sm-vq-w4a4-at", "sm-dq-w4a4-at", "sm-vq-w2a2-at", "sm-dq-w2a2-at", "sm-vq-w2a1-at")
 SOURCE = "benchmarks/results/robust_sample.md"
 # the CPU-scale models (CIFAR-10, AutoAttack standard on 1,000 images): pass --data-dir to use them
-CPU_NAMES = ("cpu-fp-at", "cpu-vq-w4a4-pgd3-at", "cpu-vq-w2a2e8-at")
+CPU_NAMES = ("cpu-fp-at", "cpu-vq-w4a4-short-at", "cpu-vq-w4a4-pgd3-at", "cpu-vq-w2a2e8-at", "cpu-dq-w2a2e8-at")
 CPU_SOURCE = "benchmarks/results/robust_cpu.md"
 
 
