@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, machine_line, md_table, write_results
+from benchmarks.robust_gpu import SHORT
 
 CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "batch_size": 128, "seed": 0,
       "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
 PGD3 = {"adv_train": "pgd", "adv_steps": 3}
 # name -> (label, fine-tune settings); each starts from the FP twin
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **PGD3, "epochs": 2, "lr": 0.0005}),
+    "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **SHORT}),  # robust_cpu
     "calib-w4a4": ("w4a4, PGD-3, 1 epoch at lr 1e-6 (ranges and BatchNorm calibrated, weights as the twin's)",
                    {"wbits": 4, "abits": 4, **PGD3, "epochs": 1, "lr": 1e-6}),
     "ptq-w4a4e8": ("w4a4 + 8-bit ends, PGD-3, 2 epochs at lr 0.0005",
@@ -65,10 +66,9 @@ def _images(data: Path) -> tuple[Any, Any]:
 
 
 def _correct(model: Any, x: Any, y: Any) -> Any:
-    import torch
+    from hw_dq.robust.attacks import predict
 
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 250]).argmax(1) == y[i : i + 250] for i in range(0, len(y), 250)])
+    return predict(model, x, batch_size=250) == y
 
 
 def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> dict[str, Any]:

@@ -34,6 +34,9 @@ CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, **
 GS = {"model": "cnv", "width": 1.0, "data": "cifar10", **RECIPE}
 FT = {"epochs": 10, "lr": 0.02, "grad_clip": 5.0}  # quantized fine-tuning from the robust FP twin
 DQ = {"beta": 1e-4, "lipschitz_target": "bn_folded"}  # the reproduction's DQ setting
+# the least fine-tuning (robust_cpu): ranges, BatchNorm and weights adapted for two epochs at a learning rate 40x
+# lower than FT's (longer or stronger fine-tuning through the quantizers lost AutoAttack accuracy at w4a4)
+SHORT = {"adv_train": "pgd", "adv_steps": 3, "epochs": 2, "lr": 0.0005}
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,7 @@ def plan_cpu() -> list[Step]:
         Step("train", "cpu-dq-w2a2e8-at", {**ft, **mixed, **DQ}),
         Step("hw", "cpu-vq-w2a2e8-at"),
         Step("eval", "cpu-dq-w2a2e8-at"),
-        # the least fine-tuning: quantize the robust FP twin and adapt ranges and BatchNorm for two epochs at a
-        # learning rate 40x lower (longer or stronger fine-tuning through the quantizers lost AutoAttack accuracy)
-        Step(
-            "train",
-            "cpu-vq-w4a4-short-at",
-            {**ft, "wbits": 4, "abits": 4, "adv_train": "pgd", "adv_steps": 3, "epochs": 2, "lr": 0.0005},
-        ),  # fmt: skip
+        Step("train", "cpu-vq-w4a4-short-at", {**ft, "wbits": 4, "abits": 4, **SHORT}),
         Step("eval", "cpu-vq-w4a4-short-at"),
         Step("hw", "cpu-vq-w4a4-short-at"),
         Step("eval", "cpu-fp-at", eps=2.0),
@@ -129,7 +126,7 @@ def plan(smoke: bool) -> list[Step]:
         Step("eval", "cs-vq-w4a4-at"),
         Step("eval", "cs-dq-w4a4-at"),
         # the CPU arm's best w4a4 recipe: the short, low-learning-rate fine-tune
-        Step("train", "cs-vq-w4a4-short-at", q(4, 4, adv_train="pgd", adv_steps=3, epochs=2, lr=0.0005)),
+        Step("train", "cs-vq-w4a4-short-at", q(4, 4, **SHORT)),
         Step("eval", "cs-vq-w4a4-short-at"),
         Step("eval", "cs-fp-at", eps=2.0),
         Step("eval", "cs-vq-w2a2-at", eps=2.0),

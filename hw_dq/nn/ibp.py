@@ -17,7 +17,6 @@ pinned torch 2.x, and it has no rule for Brevitas' quantizers; the models here a
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -153,11 +152,10 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
     return kappa * clean + (1.0 - kappa) * robust
 
 
-_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its layers (found once)
-
-
 @torch.no_grad()
-def project_rows_(model: nn.Module, max_norm: float, *, target: str = "bn_folded") -> dict[str, float]:
+def project_rows_(
+    model: nn.Module, max_norm: float, *, target: str = "bn_folded", layers: list | None = None
+) -> dict[str, float]:
     """Rescale every output channel whose row of the layer's operator has an l1 norm above ``max_norm``
     (in place; call after each optimizer step). Returns each layer's largest row norm before.
 
@@ -167,6 +165,7 @@ def project_rows_(model: nn.Module, max_norm: float, *, target: str = "bn_folded
     The operator is ``target``'s (:func:`hw_dq.nn.lipschitz.folded_operator`: the float weight,
     BN-folded, or also range-scaled, in which case it is the growth in integer codes). A layer with
     a BatchNorm is rescaled through that channel's gamma, one without through the channel's weights.
+    ``layers``: the model's :func:`hw_dq.nn.lipschitz.lipschitz_layers`, when the caller has them.
     """
     from hw_dq.nn import lipschitz
 
@@ -174,11 +173,8 @@ def project_rows_(model: nn.Module, max_norm: float, *, target: str = "bn_folded
         raise ConfigError(f"invalid row-norm bound {max_norm}: use a positive number")
     if target not in lipschitz.TARGETS:
         raise ConfigError(f"unknown Lipschitz target {target!r}; choose one of {', '.join(lipschitz.TARGETS)}")
-    refs = _ROWS.get(model)
-    if refs is None:
-        refs = _ROWS[model] = lipschitz.lipschitz_layers(model)
     norms = {}
-    for ref in refs:
+    for ref in lipschitz.lipschitz_layers(model) if layers is None else layers:
         w = ref.layer.weight
         rows = lipschitz.folded_operator(ref, w, target).abs().reshape(w.shape[0], -1).sum(1)
         norms[ref.name] = float(rows.max())

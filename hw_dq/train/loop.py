@@ -27,7 +27,7 @@ from hw_dq import run as rd
 from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator, to_float
 from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
-from hw_dq.nn.ibp import project_rows_
+from hw_dq.nn.ibp import certified_fraction, project_rows_
 from hw_dq.nn.models import model_from_config
 from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
 from hw_dq.train import adversarial as adv
@@ -239,8 +239,6 @@ def _robust_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, dev
 
 def _certified_check(model: nn.Module, holdout: ArrayDataset, cfg: TrainConfig, device: str) -> float:
     """Held-out fraction IBP certifies at ``adv_eps`` (eval mode: BatchNorm's running statistics)."""
-    from hw_dq.nn.ibp import certified_fraction
-
     was = model.training
     model.eval()
     x, y = to_float(torch.from_numpy(holdout.x)), torch.from_numpy(holdout.y).long()
@@ -370,7 +368,7 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if cfg.lipschitz_project and cfg.lipschitz_norm == "inf":
-                project_rows_(model, cfg.lipschitz_project, target=cfg.lipschitz_target)
+                project_rows_(model, cfg.lipschitz_project, target=cfg.lipschitz_target, layers=reg_layers)
             elif cfg.lipschitz_project:
                 lipschitz.project_(model, cfg.lipschitz_project, target=cfg.lipschitz_target, sample_shape=data.shape)
             n = yb.shape[0]
