@@ -31,6 +31,7 @@ from benchmarks.robust_gpu import SHORT
 CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "batch_size": 128, "seed": 0,
       "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
 PGD3 = {"adv_train": "pgd", "adv_steps": 3}
+APGD5 = {"adv_train": "apgd", "adv_steps": 5}
 # name -> (label, fine-tune settings); each starts from the FP twin
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **SHORT}),  # robust_cpu
@@ -45,6 +46,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                    {"wbits": 2, "abits": 2, "end_bits": 8, **PGD3, "epochs": 2, "lr": 0.0005}),
     "lr005-w2a2e8": ("w2a2 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
                      {"wbits": 2, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+    # the training attack: APGD-CE (AutoAttack's strongest gradient component) instead of PGD through the STE
+    "apgd5-w4a4": ("w4a4, APGD-5, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **APGD5, "epochs": 2, "lr": 0.0005}),
+    "apgd5-lr002-w4a4": ("w4a4, APGD-5, 4 epochs at lr 0.002",
+                         {"wbits": 4, "abits": 4, **APGD5, "epochs": 4, "lr": 0.002}),
+    "apgd5-lr005-w2a2e8": ("w2a2 + 8-bit ends, APGD-5, 6 epochs at lr 0.005",
+                           {"wbits": 2, "abits": 2, "end_bits": 8, **APGD5, "epochs": 6, "lr": 0.005}),
 }  # fmt: skip
 # committed models of robust_gpu's cpu arm, scored from their saved AutoAttack examples
 REFERENCES = {

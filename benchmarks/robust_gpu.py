@@ -104,6 +104,11 @@ def plan_cpu() -> list[Step]:
         Step("eval", "cpu-vq-w4a4-at", eps=2.0),
         Step("eval", "cpu-vq-w2a2e8-at", eps=2.0),
         Step("eval", "cpu-dq-w2a2e8-at", eps=2.0),
+        # the paper's question at w4a4: DQ with the shipped short fine-tune, same recipe and budget
+        Step("train", "cpu-dq-w4a4-short-at", {**ft, "wbits": 4, "abits": 4, **SHORT, **DQ}),
+        Step("eval", "cpu-dq-w4a4-short-at"),
+        Step("eval", "cpu-vq-w4a4-short-at", eps=2.0),
+        Step("eval", "cpu-dq-w4a4-short-at", eps=2.0),
     ]
 
 

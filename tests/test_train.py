@@ -60,7 +60,7 @@ def test_dq_regulariser_reduces_orthogonality_residual(tmp_path):
     assert vq["reg"] == 0 and dq["reg"] > 0
 
 
-@pytest.mark.parametrize("kind, radius", [("pgd", 1), ("fgsm", 1), ("trades", 1), ("nfgsm", 3)])
+@pytest.mark.parametrize("kind, radius", [("pgd", 1), ("apgd", 1), ("fgsm", 1), ("trades", 1), ("nfgsm", 3)])
 def test_adversarial_examples_respect_eps_and_box(kind, radius):
     from hw_dq.data import load_split
     from hw_dq.nn.models import create_model
@@ -80,6 +80,21 @@ def test_adversarial_examples_respect_eps_and_box(kind, radius):
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy
         assert ce(model(xa), y) > ce(model(x), y)
+
+
+def test_apgd_training_examples_follow_the_run_generator_not_the_global_one():
+    from hw_dq.data import load_split
+    from hw_dq.nn.models import create_model
+
+    recipe = TrainConfig(**SMALL, wbits=2, abits=2, adv_train="apgd", adv_eps=8, adv_steps=3).adv
+    model = create_model("tiny", 2, 2)
+    x, y = load_split("sample", "test").take(16).tensors()
+    state = torch.get_rng_state()
+    a = adv.craft(model, x, y, recipe, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)  # the library's random start did not draw from it
+    torch.manual_seed(123)  # another global state: same examples
+    assert torch.equal(adv.craft(model, x, y, recipe, torch.Generator().manual_seed(0)), a)
+    assert not torch.equal(adv.craft(model, x, y, recipe, torch.Generator().manual_seed(1)), a)
 
 
 def test_adversarial_training_runs_the_attack_and_keeps_the_best_robust_epoch(tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ class TrainConfig:
     adv_train: str = _f("none", "adversarial training recipe: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()),
                         "adversarial training", choices=ADV_TRAIN)  # fmt: skip
     adv_eps: float = _f(8.0, "Linf eps of the training attack, in units of 1/255", "adversarial training")
-    adv_steps: int = _f(7, "attack steps (pgd, trades)", "adversarial training")
+    adv_steps: int = _f(7, "attack steps (pgd, apgd, trades)", "adversarial training")
     adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
     trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
     ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")

@@ -67,8 +67,8 @@ class Scale:
         missing = sorted({str(a) for a in [*self.abits, *self.at_abits]} - set(self.wbits))
         if missing:
             raise ConfigError(f"scale: no weight bits for activation widths {', '.join(missing)}; add them to 'wbits'")
-        if self.adv_recipe not in ("fgsm", "nfgsm", "pgd", "trades"):
-            raise ConfigError(f"scale: adv_recipe {self.adv_recipe!r} is not one of fgsm, nfgsm, pgd, trades")
+        if self.adv_recipe not in ("fgsm", "nfgsm", "pgd", "apgd", "trades"):
+            raise ConfigError(f"scale: adv_recipe {self.adv_recipe!r} is not one of fgsm, nfgsm, pgd, apgd, trades")
 
     @property
     def strong_attacks(self) -> list[str]:
