@@ -60,3 +60,31 @@ def test_finetune_screen_never_reuses_a_run_trained_otherwise(tmp_path: Path) ->
     (run / "config.json").write_text(json.dumps({"train": stored}))
     with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
         finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
+
+
+def test_hw_transfer_measures_only_quantized_models_not_measured_before(tmp_path: Path, monkeypatch) -> None:
+    """--hw-transfer redoes nothing: a model already in the results keeps its figures, a float model and a
+    model without saved AutoAttack examples are skipped, and only the new quantized model is transferred."""
+    import numpy as np
+
+    for name, wbits, examples in [("old", 4, True), ("fp", None, True), ("new", 2, True), ("noex", 2, False)]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"model": {"wbits": wbits}}))
+        if examples:
+            (run / "autoattack_x_adv_eps8.safetensors").write_bytes(b"")
+    calls = []
+
+    def fake(run: Path, ev: dict, data: Path, n: int) -> dict:
+        calls.append(run.name)
+        ok = np.array([True, True, False, False])
+        return {"hw_clean": ok, "sw_clean": ok, "hw_transfer": np.array([True, False, False, False]),
+                "sw_worst": np.array([True, False, False, False])}  # fmt: skip
+
+    monkeypatch.setattr(robust_gpu, "_transfer", fake)
+    ev = {"eps": 8.0, "n": 4}
+    res = {"eval": {f"{k}@8": ev for k in ("old", "fp", "new", "noex")}, "hw_transfer": {"old@8": {"kept": 1}}}
+    out = robust_gpu.hw_transfer(tmp_path, tmp_path, res)
+    assert calls == ["new"]
+    assert out["old@8"] == {"kept": 1} and set(out) == {"old@8", "new@8"}
+    assert out["new@8"]["clean_hw"] == 0.5 and out["new@8"]["transfer_autoattack_hw"] == 0.25
