@@ -138,3 +138,42 @@ def test_row_projection_bounds_each_layers_interval_growth(batch):
     assert max(project_rows_(other, 1e9).values()) > 2 * c
     with pytest.raises(ConfigError, match="row-norm bound"):
         project_rows_(model, 0.0)
+
+
+def test_ibp_init_sets_every_layer_but_the_last_to_the_interval_preserving_scale():
+    from hw_dq.nn.ibp import ibp_init_
+
+    model = create_model("cnv", 4, 4, width=0.25)
+    last = model.classifier[-1].weight.clone()
+    assert ibp_init_(model) == 8  # 6 convolutions, 2 hidden linear layers
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and m is not model.classifier[-1]:
+            want = (2 * torch.pi) ** 0.5 / m.weight[0].numel()
+            assert abs(float(m.weight.detach().std()) / want - 1) < 0.1
+    assert torch.equal(model.classifier[-1].weight, last)
+
+
+def test_warmup_regularisers_record_each_activation_and_descend(batch):
+    from hw_dq.nn.ibp import warmup_reg
+
+    x, y = batch
+    torch.manual_seed(0)
+    model = create_model("cnv", 4, 4, width=0.25, act_range="fixed")
+    model.train()
+    rec: list = []
+    ibp_margins(model, x, y, 2 / 255, record=rec)
+    assert len(rec) == 1 + 8  # the input box, then what enters each of the 8 activations after a layer
+    assert rec[0][0].shape == x.shape
+    reg0 = float(warmup_reg(rec))
+    assert reg0 > 0.5  # at initialisation intervals grow ~sqrt(fan-in) per layer relative to the signal
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):
+        rec = []
+        ibp_margins(model, x, y, 2 / 255, record=rec)
+        loss = warmup_reg(rec)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rec = []
+    ibp_margins(model, x, y, 2 / 255, record=rec)
+    assert float(warmup_reg(rec)) < 0.8 * reg0  # its gradient reaches the weights and lowers it

@@ -177,6 +177,10 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--adv-train", "trades", "--trades-beta", "-1"], "--trades-beta"),
         (["--adv-train", "mart"], "invalid choice"),
         (["--lipschitz-project", "2", "--lipschitz-norm", "1"], "invalid choice"),
+        (["--adv-train", "ibp", "--ibp-reg", "-1"], "--ibp-reg"),
+        (["--adv-train", "pgd", "--ibp-reg", "0.5"], "--adv-train ibp"),
+        (["--adv-train", "ibp", "--ibp-init", "--init-from", "x"], "--ibp-init"),
+        (["--optimizer", "lbfgs"], "invalid choice"),
     ],
 )
 def test_bad_adversarial_recipe_is_one_line(tmp_path, flags, needle):
@@ -215,12 +219,14 @@ def _train_cmd(out, *extra):
     ]  # fmt: skip
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("opt", [[], ["--optimizer", "adam", "--lr", "0.002"]], ids=["sgd", "adam"])
+def test_killed_run_resumes_to_identical_weights(tmp_path, opt):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(_train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, cwd=ROOT)
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", *opt), env=env, capture_output=True, text=True, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr
     victim = tmp_path / "victim"
-    proc = subprocess.Popen(_train_cmd(victim), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(victim, *opt), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     ckpt = victim / "checkpoint.safetensors"
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for a mid-training checkpoint (epoch 1 or later)
@@ -235,7 +241,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (victim / "model.safetensors").exists(), "the run finished before it could be killed"
-    res = subprocess.run(_train_cmd(victim, "--resume"), env=env, capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(_train_cmd(victim, "--resume", *opt), env=env, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -112,12 +112,23 @@ def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
-def ibp_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+def ibp_margins(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, record: list | None = None
+) -> torch.Tensor:
     """Lower bounds of ``z_y - z_j`` (N x C, zero at j = y) over the Linf box of radius ``eps``
-    (in input units, e.g. 2/255) around ``x``: the last linear layer on the differences."""
+    (in input units, e.g. 2/255) around ``x``: the last linear layer on the differences.
+
+    ``record``: a list that gets the input box and then the bounds entering every activation
+    quantizer after the first layer (the pre-activations :func:`warmup_reg` looks at)."""
     mods, last = _chain(model)
     lo, hi = _box(x, eps)
+    if record is not None:
+        record.append((lo, hi))
+    seen_layer = False
     for m in mods:
+        seen_layer = seen_layer or isinstance(m, nn.Conv2d | nn.Linear)
+        if record is not None and seen_layer and _is_quant_act(m):
+            record.append((lo, hi))
         lo, hi = _layer(m, lo, hi)
     w = _weight(last)  # C x K
     d = w[y].unsqueeze(1) - w.unsqueeze(0)  # N x C x K: w_y - w_j
@@ -150,6 +161,51 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
         return clean
     robust = F.cross_entropy(-ibp_margins(model, x, y, eps), y)
     return kappa * clean + (1.0 - kappa) * robust
+
+
+@torch.no_grad()
+def ibp_init_(model: nn.Module) -> int:
+    """IBP initialisation (Shi et al. 2021): every conv/linear weight but the last ~ N(0, 2 pi / fan_in^2),
+    so that an interval's radius keeps its size through each layer at the start instead of growing
+    by about sqrt(fan_in). In place; returns how many layers it set."""
+    mods, _ = _chain(model)
+    n = 0
+    for m in mods:
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            fan_in = m.weight[0].numel()
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2 * math.pi) / fan_in)
+            n += 1
+    return n
+
+
+def warmup_reg(record: list, tol: float = 0.5) -> torch.Tensor:
+    """Shi et al. 2021's two warm-up regularisers over :func:`ibp_margins`' recorded bounds, averaged
+    over the activation layers (0 when they hold).
+
+    * tightness: ``relu(tol - t0 / t) / tol`` with ``t`` a layer's mean radius over the standard
+      deviation of its centres and ``t0`` the same for the input box: an interval may grow at most
+      1/tol times relative to the signal. (The original compares absolute radii with normalised
+      inputs; here inputs are [0, 1] pixels, so both sides are relative.)
+    * balance: for the neurons an interval proves active (lower > 0) and inactive (upper < 0), the
+      ratios of their centres' mean magnitudes and of their spreads around the layer mean, each at
+      least ``tol`` either way: IBP otherwise prefers dead activations."""
+    (lo0, hi0), rest = record[0], record[1:]
+    t0 = ((hi0 - lo0) / 2).mean() / ((hi0 + lo0) / 2).std().clamp_min(1e-12)
+    total = torch.zeros((), device=lo0.device)
+    for lo, hi in rest:
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        t = r.mean() / c.std().clamp_min(1e-12)
+        total = total + F.relu(tol - t0 / t.clamp_min(1e-12)) / tol
+        act, inact = (lo > 0).float(), (hi < 0).float()
+        delta = (c - c.mean()) ** 2
+        mean_ratio = (c * act).mean() / -(c * inact).mean()
+        var_ratio = (delta * act).sum() / (delta * inact).sum()
+        mean_ratio = torch.minimum(mean_ratio, 1 / mean_ratio.clamp_min(1e-12))
+        var_ratio = torch.minimum(var_ratio, 1 / var_ratio.clamp_min(1e-12))
+        bal = (F.relu(tol - mean_ratio) + F.relu(tol - var_ratio)) / tol
+        if bool(torch.isfinite(bal)):  # a layer with no proven-inactive (or active) neuron has no ratio
+            total = total + bal
+    return total / max(1, len(rest))
 
 
 @torch.no_grad()

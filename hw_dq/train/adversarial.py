@@ -45,6 +45,7 @@ class AdvRecipe:
     alpha: float | None = None
     trades_beta: float = 6.0
     ibp_kappa: float = 0.5  # the clean-loss weight IBP's ramp ends at
+    ibp_reg: float = 0.0  # weight of the warm-up regularisers (hw_dq.nn.ibp.warmup_reg) at the ramp's start
 
     @property
     def active(self) -> bool:
@@ -151,8 +152,11 @@ def adversarial_loss(
         kappa = ibp.kappa_schedule(step, total, r.ibp_kappa)
         loss = F.cross_entropy(logits, y)
         if eps > 0:
-            worst = -ibp.ibp_margins(getattr(net, "module", net), x, y, eps)
+            rec: list | None = [] if r.ibp_reg > 0 else None
+            worst = -ibp.ibp_margins(getattr(net, "module", net), x, y, eps, record=rec)
             loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, y)
+            if rec:  # Shi et al. 2021: the regularisers fade out as eps reaches its maximum
+                loss = loss + r.ibp_reg * (1.0 - eps * 255.0 / r.eps) * ibp.warmup_reg(rec)
         return loss, logits
     x_adv = craft(net, x, y, r, gen)
     if r.kind == "trades":

@@ -18,6 +18,7 @@ from hw_dq.nn.quant import bits_label, parse_bits
 from hw_dq.train.adversarial import RECIPES, AdvRecipe
 
 SCHEDULES = ("cosine", "step")
+OPTIMIZERS = ("sgd", "adam")
 ADV_TRAIN = tuple(RECIPES)
 # the ModelConfig fields a TrainConfig carries (name -> TrainConfig field)
 
@@ -62,7 +63,9 @@ class TrainConfig:
                              "defensive quantization", choices=("2", "inf"))  # fmt: skip
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(128, "global batch size")
-    lr: float = _f(0.05, "peak learning rate (SGD)")
+    optimizer: str = _f("sgd", "sgd (with --momentum, --nesterov) or adam (certified training's usual choice)",
+                        choices=OPTIMIZERS)  # fmt: skip
+    lr: float = _f(0.05, "peak learning rate")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(True, "Nesterov momentum")
     weight_decay: float = _f(5e-4, "L2 weight decay")
@@ -83,6 +86,14 @@ class TrainConfig:
     adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
     trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
     ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")
+    ibp_reg: float = _f(
+        0.0,
+        "ibp: weight of the warm-up regularisers of Shi et al. 2021 (bound tightness, "
+        "balanced activation states), fading to 0 as eps reaches its maximum",
+        "adversarial training",
+    )
+    ibp_init: bool = _f(False, "ibp: IBP initialisation (Shi et al. 2021) of a run that starts from scratch",
+                        "adversarial training")  # fmt: skip
     robust_eval_n: int = _f(512, "held-out training images for the per-epoch PGD-10 check of robust runs "
                             "(taken out of training; 0 = off)", "adversarial training", metavar="N")  # fmt: skip
     keep_best: bool = _f(True, "robust runs end with the weights of the epoch with the best held-out PGD accuracy",
@@ -98,7 +109,15 @@ class TrainConfig:
         self.end_bits = parse_bits(self.end_bits, "first/last layer weight bit width (--end-bits)")
         finite = all(
             isinstance(v, int | float) and math.isfinite(v)
-            for v in (self.beta, self.lr, self.adv_eps, self.trades_beta, self.adv_alpha or 0.0, self.weight_decay)
+            for v in (
+                self.beta,
+                self.lr,
+                self.adv_eps,
+                self.trades_beta,
+                self.adv_alpha or 0.0,
+                self.weight_decay,
+                self.ibp_reg,
+            )
         )
         checks = [
             (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay) is not finite"),
@@ -123,6 +142,13 @@ class TrainConfig:
             (self.adv_alpha is None or self.adv_alpha > 0, f"invalid --adv-alpha {self.adv_alpha}: must be > 0"),
             (self.trades_beta >= 0, f"invalid --trades-beta {self.trades_beta}: must be >= 0"),
             (0 <= self.ibp_kappa <= 1, f"invalid --ibp-kappa {self.ibp_kappa}: must lie in [0, 1]"),
+            (self.ibp_reg >= 0, f"invalid --ibp-reg {self.ibp_reg}: must be >= 0"),
+            (not (self.ibp_reg or self.ibp_init) or self.adv_train == "ibp",
+             "--ibp-reg and --ibp-init belong to certified training: add --adv-train ibp"),
+            (not (self.ibp_init and self.init_from),
+             "--ibp-init initialises a run from scratch; drop it or --init-from"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
             (self.adv_train != "ibp" or self.model in ("cnv", "tiny"),
              f"--adv-train ibp supports the chain models cnv and tiny, not {self.model!r}"),
             (self.robust_eval_n >= 0, f"invalid --robust-eval-n {self.robust_eval_n}: must be >= 0"),
@@ -156,7 +182,9 @@ class TrainConfig:
 
     @property
     def adv(self) -> AdvRecipe:
-        return AdvRecipe(self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa)
+        return AdvRecipe(
+            self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa, self.ibp_reg
+        )
 
     def model_config(self, in_channels: int = 3, num_classes: int = 10) -> ModelConfig:
         """The model section; channels and classes come from the training data."""

@@ -27,7 +27,7 @@ from hw_dq import run as rd
 from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator, to_float
 from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
-from hw_dq.nn.ibp import certified_fraction, project_rows_
+from hw_dq.nn.ibp import certified_fraction, ibp_init_, project_rows_
 from hw_dq.nn.models import model_from_config
 from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
 from hw_dq.train import adversarial as adv
@@ -97,10 +97,10 @@ def _calibration_state(model: nn.Module) -> dict[str, nn.Module]:
 
 def _checkpoint_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     t = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            t[f"optim.{i}.momentum_buffer"] = buf
+    for i, p in enumerate(opt.param_groups[0]["params"]):  # SGD's momentum, Adam's moments and step count
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                t[f"optim.{i}.{k}"] = v
     for n, m in _calibration_state(model).items():
         t[f"calib.{n}.counter"] = torch.tensor([int(m.counter)])
         t[f"calib.{n}.buffer"] = m.buffer.detach().clone()
@@ -121,10 +121,14 @@ def _restore_model(model: nn.Module, tensors: dict[str, torch.Tensor], path: Pat
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    by_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            i, name = key[6:].split(".", 1)
+            by_param.setdefault(int(i), {})[name] = v
     for i, p in enumerate(opt.param_groups[0]["params"]):
-        buf = tensors.get(f"optim.{i}.momentum_buffer")
-        if buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+        for name, v in by_param.get(i, {}).items():  # Adam keeps its step count on the CPU
+            opt.state[p][name] = v.clone() if name == "step" else v.to(p.device).clone()
 
 
 # model-section fields that must agree between a run and the run it starts from (bits may differ:
@@ -300,10 +304,15 @@ def fit(
                 _finish_best(model, cfg, run, data)
             model.eval()
             return model, (rd.read_jsonl(run / rd.METRICS) or [{}])[-1]
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
-    )  # fmt: skip
+    if cfg.ibp_init and resumed is None:
+        ibp_init_(model)
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
+        )  # fmt: skip
     if resumed is not None:
         _restore_optimizer(opt, resumed)
     if dist_.main:
