@@ -47,6 +47,23 @@ def test_the_cpu_scale_judges_on_the_reference_autoattack_and_adaptive_attacks_a
         Scale(adv_recipe="free")
     with pytest.raises(ConfigError, match="no weight bits for activation widths 3"):
         Scale(at_abits=[3])
+    with pytest.raises(ConfigError, match="unknown train settings lrr"):
+        Scale(at_finetune={"4": {"lrr": 0.1}})
+
+
+def test_the_adversarial_arm_fine_tunes_each_width_with_its_recipe():
+    """At 4 bits VQ+AT and DQ+AT share the short fine-tune of robust_cpu; at 2 bits the FP twin's recipe."""
+    from benchmarks.robust_gpu import SHORT
+
+    p = plan(Scale())
+    a4 = [r for r in p if r.adversarial and r.abits == 4]
+    a2 = [r for r in p if r.adversarial and r.abits == 2]
+    assert {r.mode for r in a4} == {"VQ", "DQ"} and {r.mode for r in a2} == {"VQ", "DQ"}
+    for r in a4:
+        assert {k: getattr(r.train, k) for k in SHORT} == SHORT and r.adv_train == "pgd" and r.train.adv_steps == 3
+    fp = p.get("fp-at")
+    for r in a2:
+        assert (r.train.adv_train, r.train.epochs, r.train.lr) == (fp.train.adv_train, Scale().q_epochs, Scale().q_lr)
 
 
 def test_plan_follows_the_scale_betas_and_bits():

@@ -6,7 +6,9 @@ Plan (``cpu`` scale; ``smoke`` is the same plan shrunk to minutes for tests), bu
 1. train FP (full precision) on a CIFAR-10 subset; every quantized run is fine-tuned from
    it (the recipe the method notes recommend for low-bit ReLU6): VQ (beta = 0) and DQ at each
    of the scale's betas, at each of its bit widths; adversarially trained (``adv_recipe``,
-   N-FGSM by default) FP, VQ and DQ (largest beta) at the ``at_abits`` widths (2 and 4);
+   N-FGSM by default) FP, VQ and DQ (largest beta) at the ``at_abits`` widths (2 and 4), the
+   quantized ones fine-tuned per width by ``at_finetune`` (at 4 bits the shipped ``robust_cpu``
+   recipe: 2 epochs of PGD-3 at lr 0.0005; VQ+AT and DQ+AT always share one recipe);
 2. attack every model on the same ``n_eval`` test images: FGSM and PGD-10 at the scale's eps,
    and at ``judged_eps`` (2 and 8) the reference AutoAttack (standard), BPDA, temperature PGD
    and PGD transferred from the FP twin; the headline is their per-image worst case, with the

@@ -37,6 +37,13 @@ class Scale:
     # N-FGSM (de Jorge et al. 2022): single-step AT that does not collapse on quantized models,
     # where FGSM-AT did (benchmarks/results/robust_sample.md)
     adv_recipe: str = "nfgsm"
+    # the adversarial-training arm's quantized fine-tune, per activation width: TrainConfig fields that
+    # replace the FP twin's recipe and q_epochs / q_lr there. At 4 bits, the shipped robust_cpu recipe:
+    # fine-tune as little as possible (benchmarks/results/finetune_screen.md, robust_cpu.md); at 2 bits
+    # the longer N-FGSM fine-tune measured better, so it keeps the defaults.
+    at_finetune: dict[str, dict] = field(
+        default_factory=lambda: {"4": {"adv_train": "pgd", "adv_steps": 3, "epochs": 2, "lr": 0.0005}}
+    )
     adv_eps: float = 8.0
     # every attack on the PyTorch model runs on the same n_eval images, so the per-image worst
     # case covers all of them (sized so that the cpu scale stays within 2.5 h on 2 cores)
@@ -69,6 +76,12 @@ class Scale:
             raise ConfigError(f"scale: no weight bits for activation widths {', '.join(missing)}; add them to 'wbits'")
         if self.adv_recipe not in ("fgsm", "nfgsm", "pgd", "apgd", "trades"):
             raise ConfigError(f"scale: adv_recipe {self.adv_recipe!r} is not one of fgsm, nfgsm, pgd, apgd, trades")
+        for a, over in self.at_finetune.items():
+            if not isinstance(over, dict) or not str(a).isdigit():  # a width not in at_abits is not trained
+                raise ConfigError(f"scale: at_finetune[{a!r}] must map an activation width to a dict of train settings")
+            unknown = sorted(set(over) - set(TrainConfig.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(f"scale: at_finetune[{a!r}] has unknown train settings {', '.join(unknown)}")
 
     @property
     def strong_attacks(self) -> list[str]:
@@ -211,14 +224,16 @@ def plan(s: Scale, data_dir: str | None = None) -> Plan:
         for a in s.abits if clean else s.at_abits:
             w = s.wbits[str(a)]
             q = replace(fp_cfg, wbits=w, abits=a, epochs=s.q_epochs, lr=s.q_lr, init_from=fp_name)
+            if not clean:  # VQ+AT and DQ+AT at one width share this recipe and budget
+                q = replace(q, **s.at_finetune.get(str(a), {}))
             focus = clean and a in s.adv_abits
-            runs.append(RunSpec(_name("VQ", a, 0, adv), "VQ", w, a, 0.0, 0, s.lipschitz_target, adv, fp_name, q,
+            runs.append(RunSpec(_name("VQ", a, 0, adv), "VQ", w, a, 0.0, 0, s.lipschitz_target, q.adv_train, fp_name, q,
                                 squeeze=focus, hardware=True,
                                 amplification=clean and a <= 2))  # fmt: skip
             for rank, b in enumerate(s.betas, start=1):
                 if clean or rank == top:  # adversarial training: the largest beta only
                     runs.append(RunSpec(
-                        _name("DQ", a, rank, adv), "DQ", w, a, b, rank, s.lipschitz_target, adv, fp_name,
+                        _name("DQ", a, rank, adv), "DQ", w, a, b, rank, s.lipschitz_target, q.adv_train, fp_name,
                         replace(q, beta=b), squeeze=focus and rank == top, hardware=True,
                         amplification=clean and a <= 2 and rank == top,
                     ))  # fmt: skip
