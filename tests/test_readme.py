@@ -45,6 +45,7 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     ev = res["eval"]
     names = {"FP + AT": "cpu-fp-at", "VQ w4a4 + AT, short fine-tune (`robust_cpu`)": "cpu-vq-w4a4-short-at",
              "VQ w4a4 + AT (PGD-3, 6 epochs)": "cpu-vq-w4a4-pgd3-at", "VQ w4a4 + AT (N-FGSM)": "cpu-vq-w4a4-at",
+             "DQ w4a4 + AT, short fine-tune": "cpu-dq-w4a4-short-at",
              "VQ w2a2, 8-bit first/last layer, + AT": "cpu-vq-w2a2e8-at",
              "DQ w2a2, 8-bit first/last layer, + AT": "cpu-dq-w2a2e8-at"}  # fmt: skip
     rows = _table("| model, CPU scale |")
@@ -53,8 +54,9 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
         e8 = ev[f"{names[row[0]]}@8"]
         assert e8["n"] == 1000 and "AutoAttack standard" in e8["attack_set"]
         r = e8["robust"]
+        e2 = ev.get(f"{names[row[0]]}@2")
         want = [_pct(e8["clean"]), _pct(e8["worst_case"]), _pct(r["autoattack"]), _pct(r["bpda-pgd"]),
-                _pct(r["temperature-pgd"])]  # fmt: skip
+                _pct(r["temperature-pgd"]), _pct(e2["worst_case"]) if e2 else "not run"]  # fmt: skip
         assert row[1:] == want, (row, want)
     tr = res["hw_transfer"]  # the accelerator figures the README quotes
     _says(f"leave {_pct(tr['cpu-vq-w4a4-short-at@8']['transfer_autoattack_hw'])} for the short w4a4 fine-tune "
@@ -66,6 +68,10 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     _says(f"gives {_pct(dq8)} against {_pct(vq8)} at 8/255 and {_pct(dq['worst_case'])} against "
           f"{_pct(vq['worst_case'])} at 2/255")  # fmt: skip
     assert abs(dq["worst_case"] - vq["worst_case"]) <= tolerance(vq["worst_case"], vq["n"], 0.0)  # "equal"
+    dq4, vq4 = ev["cpu-dq-w4a4-short-at@8"], ev["cpu-vq-w4a4-short-at@8"]  # and at w4a4 ("the same")
+    _says(f"DQ+AT {_pct(dq4['worst_case'])} against VQ+AT {_pct(vq4['worst_case'])} at 8/255 "
+          f"(clean {_pct(dq4['clean'])} and {_pct(vq4['clean'])})")  # fmt: skip
+    assert abs(dq4["worst_case"] - vq4["worst_case"]) <= tolerance(vq4["worst_case"], vq4["n"], 0.0)
     # the shipped config is the recipe the table measured
     cfg = json.loads((ROOT / "hw_dq" / "configs" / "robust_cpu.json").read_text())
     step = res["train"]["cpu-vq-w4a4-short-at"]["config"]
