@@ -72,6 +72,9 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     _says(f"DQ+AT {_pct(dq4['worst_case'])} against VQ+AT {_pct(vq4['worst_case'])} at 8/255 "
           f"(clean {_pct(dq4['clean'])} and {_pct(vq4['clean'])})")  # fmt: skip
     assert abs(dq4["worst_case"] - vq4["worst_case"]) <= tolerance(vq4["worst_case"], vq4["n"], 0.0)
+    fp2, vq2 = ev["cpu-fp-at@2"]["worst_case"], ev["cpu-vq-w4a4-short-at@2"]["worst_case"]
+    _says(f"keeps {_pct(vq2)} against the FP twin's {_pct(fp2)}: further from FP than at 8/255")
+    assert fp2 - vq2 > ev["cpu-fp-at@8"]["worst_case"] - vq4["worst_case"]
     # the shipped config is the recipe the table measured
     cfg = json.loads((ROOT / "hw_dq" / "configs" / "robust_cpu.json").read_text())
     step = res["train"]["cpu-vq-w4a4-short-at"]["config"]
