@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from hw_dq.data import load_split
 from hw_dq.fpga.build import build_run
 from hw_dq.fpga.hwattack import DATAFLOW, finn_reference, hw_labels, load_simulator, locate_disagreement, uint8_grid
+from hw_dq.fpga.hwload import hw_logits
 from hw_dq.nn.quant import learned_ranges
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
@@ -93,7 +94,17 @@ def _check_bit_exact(run: Path, x: np.ndarray) -> torch.nn.Module:
     assert all(r["layer"] is None for r in rows), [r for r in rows if r["layer"] is not None][:3]
     with torch.no_grad():
         sw = model(torch.from_numpy(x)).argmax(1).numpy()
-    assert np.array_equal(hw_labels(sim, x), sw)
+    out = hw_logits(sim, x)
+    if out.shape[1] == 1:  # the build ends in TopK: labels only
+        assert np.array_equal(hw_labels(sim, x), sw)
+        return model
+    # where the accelerator's integer outputs tie at the top, argmax's tie-break picks the label and the
+    # float model's rounding may pick another tied class: both are right, the others must agree exactly
+    top = out.max(1, keepdims=True)
+    tied = (out == top).sum(1) > 1
+    assert tied.mean() < 0.2, "too many tied outputs for the comparison to mean anything"
+    assert np.array_equal(out.argmax(1)[~tied], sw[~tied])
+    assert all(out[i, sw[i]] == top[i, 0] for i in np.flatnonzero(tied))
     return model
 
 
