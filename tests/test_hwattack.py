@@ -139,3 +139,18 @@ def test_transfer_autoattack_progress_on_a_terminal_only(tiny_build, tmp_path):
     piped = run_cli(*args, "--name", "piped")
     assert piped.returncode == 0, piped.stderr
     assert "batch" not in piped.stderr and "ETA" not in piped.stderr, piped.stderr
+
+
+def test_attack_hw_without_the_layer_search_counts_the_same(tiny_build):
+    """locate=0 (the robust benchmark's setting) skips the layer search, even where the accelerator and
+    the PyTorch model disagree, and scores exactly what the default does."""
+    from hw_dq.fpga.hwattack import attack_hw, locate_disagreement
+
+    model, _ = load_model(tiny_build)
+    sim = load_simulator(find_build(tiny_build))
+    x, y = (t.numpy() for t in load_split("sample", "test").take(16, seed=3).tensors())
+    a = attack_hw("square", model, sim, x, y, EPS, seed=0, queries=40, locate=0)
+    b = attack_hw("square", model, sim, x, y, EPS, seed=0, queries=40)
+    assert a.first_diff_layers == {} and a.robust_mask == b.robust_mask
+    assert a.disagreement_adv == b.disagreement_adv
+    assert locate_disagreement(model, sim, x[:0]) == []  # an empty batch (locate=0 used to send one) is no error

@@ -226,7 +226,7 @@ def attack_hw(
         hw_ok, sw_ok = hw_clean & (hw == y), sw_clean & (sw == y)
     disagree = np.nonzero(hw != sw)[0]
     hist: dict[str, int] = {}
-    if len(disagree) and model is not None:
+    if len(disagree) and locate > 0 and model is not None:  # locate=0: no layer search
         for r in locate_disagreement(model, sim, adv[disagree[:locate]].astype(np.float32)):
             hist[str(r["layer"])] = hist.get(str(r["layer"]), 0) + 1
     return HwAttackResult(

@@ -226,6 +226,8 @@ def locate_disagreement(model: nn.Module, sim: HwSimulator, x01: np.ndarray) -> 
     thresholding node of the FINN graph). Returns one dict per image with ``layer`` (index),
     the two layer names and the fraction of differing values, or ``layer = None``.
     """
+    if len(x01) == 0:  # nothing to locate (the simulator has no empty batch)
+        return []
     sw, hw = _sw_activations(model, x01), _hw_activations(sim, x01)
     rows = []
     for i in range(len(x01)):
