@@ -265,9 +265,10 @@ BOARD = "Pynq-Z1"
 
 
 def _transfer(run: Path, ev: dict[str, Any], data: Path, n: int) -> dict[str, Any]:
-    """The first ``n`` of an evaluation's images on the run's accelerator (built for the Pynq-Z1 if it
-    is not yet; take() sorts, so take(n) would be another set): the clean flags, and the flags after
-    the PyTorch model's AutoAttack examples are transferred to it, beside the PyTorch flags."""
+    """``n`` of an evaluation's images on the run's accelerator (built for the Pynq-Z1 if it is not yet),
+    every (N // n)-th: take() orders the images by class, so a prefix would hold two or three classes.
+    The clean flags, and the flags after the PyTorch model's AutoAttack examples are transferred to it,
+    beside the PyTorch flags."""
     import numpy as np
     import torch
 
@@ -285,11 +286,12 @@ def _transfer(run: Path, ev: dict[str, Any], data: Path, n: int) -> dict[str, An
     build_s = time.time() - t0
     sim = load_simulator(find_build(run, BOARD))
     te = load_split("cifar10", "test", data).take(ev["n"], 0)
-    x = uint8_grid(to_float(torch.from_numpy(te.x[:n])).numpy()) / 255.0
-    y = te.y[:n].astype(np.int64)
-    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors")[0]["x_adv"][:n].numpy()
+    idx = np.arange(0, ev["n"], max(1, ev["n"] // n))[:n]
+    x = uint8_grid(to_float(torch.from_numpy(te.x[idx])).numpy()) / 255.0
+    y = te.y[idx].astype(np.int64)
+    adv = rd.load_tensors(run / f"autoattack_x_adv_eps{ev['eps']:g}.safetensors")[0]["x_adv"][idx].numpy()
     clean = hw_labels(sim, x) == y
-    flags = lambda m: np.array([c == "1" for c in m[:n]])  # noqa: E731 - the masks' "0"/"1" strings
+    flags = lambda m: np.array([c == "1" for c in m])[idx]  # noqa: E731 - the masks' "0"/"1" strings
     return {"sim": sim, "x": x, "y": y, "hw_clean": clean, "build_s": build_s,
             "hw_transfer": clean & (hw_labels(sim, uint8_grid(adv) / 255.0) == y),
             "sw_clean": flags(ev["clean_mask"]), "sw_worst": flags(ev["worst_mask"])}  # fmt: skip
