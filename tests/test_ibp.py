@@ -54,6 +54,38 @@ def test_bounds_contain_the_forward_of_points_in_the_box(bits, batch):
     assert (lb >= naive - 1e-5).all() and (lb > naive + 1e-3).any()
 
 
+@pytest.mark.parametrize("bits", [(2, 2), (None, None)], ids=["w2a2", "float"])
+def test_training_mode_bounds_use_the_clean_batch_statistics(bits, batch):
+    """In training mode BatchNorm normalises with the clean batch's statistics, so the bounds IBP trains on
+    are those of the network with that affine map: the same as in eval mode with running statistics set
+    to the clean batch's (biased) statistics. The box centres' statistics, used before, give other bounds:
+    their variance shrinks as intervals widen, which widens the next interval further."""
+    x, y = batch
+    torch.manual_seed(0)
+    model = create_model("tiny", *bits, act_range="fixed")
+    model.train()
+    stats = {}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_hook(lambda m, i, o: stats.__setitem__(m, i[0].detach())) for m in bns]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        eps = 8 / 255
+        train_lb = ibp_margins(model, x, y, eps)
+        for m in bns:
+            dims = [0] + list(range(2, stats[m].dim()))
+            m.running_mean.copy_(stats[m].mean(dims))
+            m.running_var.copy_(stats[m].var(dims, unbiased=False))
+        model.eval()
+        eval_lb = ibp_margins(model, x, y, eps)
+        assert torch.allclose(train_lb, eval_lb, atol=1e-4)
+        # and those bounds hold for the points of the box under that affine map (its corners)
+        d = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * eps
+        z = model((x + d).clamp(0, 1))
+        assert ((z.gather(1, y[:, None]) - z) >= train_lb - 1e-4).all()
+
+
 def test_eps0_margins_are_the_clean_logit_differences(batch):
     x, y = batch
     model = _model(2, 2, batch)
@@ -128,7 +160,7 @@ def test_row_projection_bounds_each_layers_interval_growth(batch):
         r_in = EPS
         c_in = torch.rand((4, *shapes[ref.name]), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            l1, h1 = _layer(ref.bn, *_layer(ref.layer, c_in - r_in, c_in + r_in))
+            l1, h1, _ = _layer(ref.bn, *_layer(ref.layer, c_in - r_in, c_in + r_in, c_in))
         assert float((h1 - l1).max() / 2) <= c * r_in * (1 + 1e-4)
         checked += 1
     assert checked >= 2

@@ -40,13 +40,20 @@ def _is_quant_act(m: nn.Module) -> bool:
     return isinstance(m, qnn.QuantIdentity | qnn.QuantReLU | qnn.QuantHardTanh)
 
 
-def _affine_bn(m: nn.modules.batchnorm._BatchNorm, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of a BatchNorm: running statistics in eval mode, the box centres' batch
-    statistics in training mode (running statistics are left to the clean forward)."""
+def _affine_bn(m: nn.modules.batchnorm._BatchNorm, pt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a BatchNorm: running statistics in eval mode; in training mode the batch
+    statistics of the clean point ``pt``, the affine map the clean forward applies (running statistics
+    are left to the clean forward).
+
+    Not the statistics of the box centres: once intervals are wide, every centre sits mid-range, their
+    variance shrinks, and the division by it widens the next interval further. Measured on a CNV after
+    12 epochs of certified training with centre statistics: relative widths of 4e5 from the sixth layer
+    in training mode against 5-8 in eval mode (auto_LiRPA also normalises bounds with the clean batch).
+    """
     gamma = m.bounded_weight() if hasattr(m, "bounded_weight") else m.weight
     if m.training:
-        dims = [0] + list(range(2, c.dim()))
-        mean, var = c.mean(dims), c.var(dims, unbiased=False)
+        dims = [0] + list(range(2, pt.dim()))
+        mean, var = pt.mean(dims), pt.var(dims, unbiased=False)
     else:
         mean, var = m.running_mean, m.running_var
     scale = gamma / torch.sqrt(var + m.eps)
@@ -57,32 +64,38 @@ def _shape(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (c.dim() - 2)))
 
 
-def _layer(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds through one module."""
+Bounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lower, upper, the clean point
+
+
+def _layer(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor, pt: torch.Tensor) -> Bounds:
+    """Bounds through one module, and the clean point ``pt`` (whose batch statistics BatchNorm uses in
+    training mode) through the same module."""
     if isinstance(m, nn.Conv2d | nn.Linear):
         w = _weight(m)
         c, r = (hi + lo) / 2, (hi - lo) / 2
+        n = c.shape[0]
         if isinstance(m, nn.Conv2d):
             kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
-            cc, rr = F.conv2d(c, w, m.bias, **kw), F.conv2d(r, w.abs(), None, **kw)
+            both, rr = F.conv2d(torch.cat([c, pt]), w, m.bias, **kw), F.conv2d(r, w.abs(), None, **kw)
         else:
-            cc, rr = F.linear(c, w, m.bias), F.linear(r, w.abs())
-        return cc - rr, cc + rr
+            both, rr = F.linear(torch.cat([c, pt]), w, m.bias), F.linear(r, w.abs())
+        cc, pt = both[:n], both[n:]
+        return cc - rr, cc + rr, pt
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         c, r = (hi + lo) / 2, (hi - lo) / 2
-        scale, shift = _affine_bn(m, c)
+        scale, shift = _affine_bn(m, pt)
         cc, rr = c * _shape(scale, c) + _shape(shift, c), r * _shape(scale.abs(), c)
-        return cc - rr, cc + rr
+        return cc - rr, cc + rr, pt * _shape(scale, pt) + _shape(shift, pt)
     if _is_quant_act(m):
         n = lo.shape[0]
         lo, hi = lo - SLACK * (1 + lo.abs()), hi + SLACK * (1 + hi.abs())
-        out = m(torch.cat([lo, hi]))  # monotone: the ends map to the ends
+        out = m(torch.cat([lo, hi, pt]))  # monotone: the ends map to the ends
         out = out.value if hasattr(out, "value") else out
-        return out[:n], out[n:]
+        return out[:n], out[n : 2 * n], out[2 * n :]
     if isinstance(m, nn.Hardtanh | nn.ReLU | nn.ReLU6 | nn.MaxPool2d | nn.Identity | nn.Flatten):
         n = lo.shape[0]
-        out = m(torch.cat([lo, hi]))
-        return out[:n], out[n:]
+        out = m(torch.cat([lo, hi, pt]))
+        return out[:n], out[n : 2 * n], out[2 * n :]
     raise ConfigError(f"IBP has no rule for {type(m).__name__}; supported models: cnv, tiny")
 
 
@@ -101,9 +114,10 @@ def _chain(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
 def ibp_bounds(model: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds of the logits for inputs in the box ``[lo, hi]``."""
     mods, last = _chain(model)
+    pt = (lo + hi) / 2
     for m in mods:
-        lo, hi = _layer(m, lo, hi)
-    return _layer(last, lo, hi)
+        lo, hi, pt = _layer(m, lo, hi, pt)
+    return _layer(last, lo, hi, pt)[:2]
 
 
 def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,12 +138,12 @@ def ibp_margins(
     lo, hi = _box(x, eps)
     if record is not None:
         record.append((lo, hi))
-    seen_layer = False
+    seen_layer, pt = False, x
     for m in mods:
         seen_layer = seen_layer or isinstance(m, nn.Conv2d | nn.Linear)
         if record is not None and seen_layer and _is_quant_act(m):
             record.append((lo, hi))
-        lo, hi = _layer(m, lo, hi)
+        lo, hi, pt = _layer(m, lo, hi, pt)
     w = _weight(last)  # C x K
     d = w[y].unsqueeze(1) - w.unsqueeze(0)  # N x C x K: w_y - w_j
     c, r = (hi + lo) / 2, (hi - lo) / 2
