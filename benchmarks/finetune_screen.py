@@ -32,6 +32,7 @@ CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "b
       "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
 PGD3 = {"adv_train": "pgd", "adv_steps": 3}
 APGD5 = {"adv_train": "apgd", "adv_steps": 5}
+RSLAD3 = {"adv_train": "rslad", "adv_steps": 3, "teacher": "FP_TWIN"}  # the teacher: --fp's cpu-fp-at
 # name -> (label, fine-tune settings); each starts from the FP twin
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **SHORT}),  # robust_cpu
@@ -52,6 +53,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                          {"wbits": 4, "abits": 4, **APGD5, "epochs": 4, "lr": 0.002}),
     "apgd5-lr005-w2a2e8": ("w2a2 + 8-bit ends, APGD-5, 6 epochs at lr 0.005",
                            {"wbits": 2, "abits": 2, "end_bits": 8, **APGD5, "epochs": 6, "lr": 0.005}),
+    # distillation: the FP twin (the teacher) gives the soft labels the quantized student matches (Zi et al. 2021)
+    "rslad3-w4a4": ("w4a4, RSLAD-3 from the FP twin, 2 epochs at lr 0.0005",
+                    {"wbits": 4, "abits": 4, **RSLAD3, "epochs": 2, "lr": 0.0005}),
+    "rslad3-lr005-w2a2e8": ("w2a2 + 8-bit ends, RSLAD-3 from the FP twin, 6 epochs at lr 0.005",
+                            {"wbits": 2, "abits": 2, "end_bits": 8, **RSLAD3, "epochs": 6, "lr": 0.005}),
 }  # fmt: skip
 # committed models of robust_gpu's cpu arm, scored from their saved AutoAttack examples
 REFERENCES = {
@@ -84,12 +90,15 @@ def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> 
     from hw_dq.train.config import TrainConfig
     from hw_dq.train.loop import train
 
-    want = TrainConfig(**{**CS, **cfg, "data_dir": str(data), "init_from": str(fp / "cpu-fp-at")})
+    twin = str(fp / "cpu-fp-at")
+    teacher = {"teacher": twin} if cfg.get("teacher") == "FP_TWIN" else {}
+    want = TrainConfig(**{**CS, **cfg, **teacher, "data_dir": str(data), "init_from": twin})
     out = work / name
     if (out / rd.MODEL).is_file():
         have = rd.read_json(out / rd.CONFIG)["train"]
         default = vars(TrainConfig())  # a field added since the run was made has its default there
-        diff = [k for k, v in vars(want).items() if k not in ("data_dir", "init_from") and have.get(k, default[k]) != v]
+        paths = ("data_dir", "init_from", "teacher")
+        diff = [k for k, v in vars(want).items() if k not in paths and have.get(k, default[k]) != v]
         if diff:
             raise SystemExit(f"finetune_screen: {out} was trained with other settings ({', '.join(diff)}); "
                              "move it away or pass another --work")  # fmt: skip

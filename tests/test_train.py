@@ -97,6 +97,65 @@ def test_apgd_training_examples_follow_the_run_generator_not_the_global_one():
     assert not torch.equal(adv.craft(model, x, y, recipe, torch.Generator().manual_seed(1)), a)
 
 
+def test_rslad_crafts_against_the_teacher_and_pulls_the_student_towards_it(tmp_path):
+    from hw_dq.data import load_split
+
+    base = dict(SMALL, adv_eps=8, adv_steps=3, robust_eval_n=0)
+    train(TrainConfig(**base), tmp_path / "teacher", progress=False)
+    teacher, _ = rd.load_model(tmp_path / "teacher")
+    x, y = load_split("sample", "test").take(64).tensors()
+    with torch.no_grad():
+        soft = torch.softmax(teacher(x), 1)
+    # the examples stay in the eps-ball and raise the student's divergence from the teacher's soft labels
+    student = TrainConfig(**base, wbits=2, abits=2, adv_train="rslad", teacher=str(tmp_path / "teacher"))
+    model, _ = rd.load_model(tmp_path / "teacher")
+    model.train()
+    xa = adv.craft(model, x, y, student.adv, torch.Generator().manual_seed(0), soft=soft)
+    assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    with torch.no_grad():
+        assert adv._kl(model(xa), soft).mean() > adv._kl(model(x), soft).mean()
+    with pytest.raises(ValueError, match="teacher"):
+        adv.adversarial_loss(model, x, y, student.adv, torch.Generator())
+
+    # descending on the loss pulls a quantized student towards the teacher's soft labels, clean and attacked
+    from hw_dq.nn.models import create_model
+
+    torch.manual_seed(0)
+    pupil = create_model("tiny", 2, 2)
+    pupil.train()
+    opt = torch.optim.SGD(pupil.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(adv._kl(pupil(x), soft).mean())
+
+    before = gap()
+    for _ in range(40):
+        loss, _ = adv.adversarial_loss(pupil, x, y, student.adv, gen, teacher=teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert gap() < 0.5 * before, (before, gap())  # measured: 0.34 -> 0.10
+
+
+def test_rslad_run_passes_its_frozen_teacher_to_every_step(tmp_path, monkeypatch):
+    train(TrainConfig(**SMALL), tmp_path / "teacher", progress=False)
+    seen = []
+    real = adv.adversarial_loss
+    monkeypatch.setattr(
+        adv, "adversarial_loss", lambda *a, **k: seen.append(a[7] if len(a) > 7 else k.get("teacher")) or real(*a, **k)
+    )
+    cfg = TrainConfig(**SMALL, wbits=2, abits=2, adv_train="rslad", adv_steps=2, robust_eval_n=64,
+                      teacher=str(tmp_path / "teacher"), init_from=str(tmp_path / "teacher"))  # fmt: skip
+    train(cfg, tmp_path / "student", progress=False)
+    assert len(seen) == (256 - 64) // 64
+    t = seen[0]
+    assert all(m is t for m in seen) and not t.training and not any(p.requires_grad for p in t.parameters())
+    stored = json.loads((tmp_path / "student" / "config.json").read_text())["train"]
+    assert stored["teacher"] == str(tmp_path / "teacher")
+
+
 def test_adversarial_training_runs_the_attack_and_keeps_the_best_robust_epoch(tmp_path, monkeypatch):
     calls = []
     real = adv.craft
@@ -181,6 +240,9 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--adv-train", "pgd", "--ibp-reg", "0.5"], "--adv-train ibp"),
         (["--adv-train", "ibp", "--ibp-init", "--init-from", "x"], "--ibp-init"),
         (["--optimizer", "lbfgs"], "invalid choice"),
+        (["--adv-train", "rslad"], "--teacher"),
+        (["--adv-train", "pgd", "--teacher", "x"], "--adv-train rslad"),
+        (["--adv-train", "rslad", "--teacher", "no-such-run"], "not a finished training run"),
     ],
 )
 def test_bad_adversarial_recipe_is_one_line(tmp_path, flags, needle):

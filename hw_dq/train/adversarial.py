@@ -1,4 +1,4 @@
-"""Adversarial training inside QAT: PGD-k, APGD-k, FGSM with random start, N-FGSM and TRADES steps.
+"""Adversarial training inside QAT: PGD-k, APGD-k, FGSM with random start, N-FGSM, TRADES and RSLAD steps.
 
 Every recipe crafts its examples with the project's one attack engine (:mod:`hw_dq.robust.engine`;
 APGD with the AutoAttack authors' own implementation) through the same quantized forward pass the
@@ -30,6 +30,8 @@ RECIPES: dict[str, str] = {
     "apgd": "APGD-CE with k iterations, its highest-loss point (Croce & Hein 2020, the authors' code): the "
     "evaluation's strongest gradient attack as the training attack",
     "trades": "TRADES: CE(clean) + beta * KL(adv || clean), PGD-k on the KL (Zhang et al. 2019)",
+    "rslad": "robust soft-label distillation from a robust teacher run (--teacher): 5/6 KL(teacher(x) || "
+    "student(x_adv)) + 1/6 KL(teacher(x) || student(x)), PGD-k on the first KL (Zi et al. 2021)",
     "ibp": "certified training: kappa CE(clean) + (1 - kappa) CE(interval worst case), eps and kappa ramped "
     "(Gowal et al. 2018; bounds through the quantizers, hw_dq.nn.ibp)",
 }
@@ -104,8 +106,17 @@ def _apgd(
         return atk.perturb(x, y, best_loss=True).detach()
 
 
-def craft(net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: torch.Generator) -> torch.Tensor:
-    """Adversarial examples for one training batch (the model stays in train mode, BN frozen)."""
+def craft(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    r: AdvRecipe,
+    gen: torch.Generator,
+    soft: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adversarial examples for one training batch (the model stays in train mode, BN frozen).
+
+    ``soft``: rslad's target, the teacher's probabilities on the clean batch."""
     eps = r.eps / 255.0
     alpha = None if r.alpha is None else r.alpha / 255.0
     with frozen_bn_stats(net):
@@ -127,6 +138,13 @@ def craft(net: nn.Module, x: torch.Tensor, y: torch.Tensor, r: AdvRecipe, gen: t
                 net, x, p_clean, eps, steps=r.steps, alpha=alpha or eps / 4, init_radius=0.001,
                 loss_fn=_kl, generator=gen, keep_best=False,
             )  # fmt: skip
+        if r.kind == "rslad":
+            if soft is None:
+                raise ValueError("rslad crafts against the teacher's probabilities: pass soft")
+            return engine.pgd(
+                net, x, soft, eps, steps=r.steps, alpha=alpha, init_radius=0.001, loss_fn=_kl,
+                generator=gen, keep_best=False,
+            )  # fmt: skip
     raise ValueError(f"unknown adversarial recipe {r.kind!r}")
 
 
@@ -138,10 +156,12 @@ def adversarial_loss(
     gen: torch.Generator,
     step: int = 0,
     total: int = 1,
+    teacher: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, logits whose accuracy is reported) for one batch under recipe ``r``.
 
-    ``step`` of ``total`` training steps drives IBP's eps and kappa ramps.
+    ``step`` of ``total`` training steps drives IBP's eps and kappa ramps; ``teacher`` (eval mode,
+    frozen) is rslad's robust teacher.
     """
     if not r.active:
         logits = net(x)
@@ -158,6 +178,16 @@ def adversarial_loss(
             if rec:  # Shi et al. 2021: the regularisers fade out as eps reaches its maximum
                 loss = loss + r.ibp_reg * (1.0 - eps * 255.0 / r.eps) * ibp.warmup_reg(rec)
         return loss, logits
+    if r.kind == "rslad":
+        # Zi et al. 2021: the robust teacher's clean probabilities are the soft label of both terms
+        if teacher is None:
+            raise ValueError("the rslad recipe needs its teacher model")
+        with torch.no_grad():
+            soft = F.softmax(teacher(x), 1)
+        x_adv = craft(net, x, y, r, gen, soft=soft)
+        logits_adv = net(x_adv)
+        loss = _kl(logits_adv, soft).mean() * (5 / 6) + _kl(net(x), soft).mean() * (1 / 6)
+        return loss, logits_adv
     x_adv = craft(net, x, y, r, gen)
     if r.kind == "trades":
         logits = net(x)

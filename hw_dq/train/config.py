@@ -82,7 +82,7 @@ class TrainConfig:
     adv_train: str = _f("none", "adversarial training recipe: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()),
                         "adversarial training", choices=ADV_TRAIN)  # fmt: skip
     adv_eps: float = _f(8.0, "Linf eps of the training attack, in units of 1/255", "adversarial training")
-    adv_steps: int = _f(7, "attack steps (pgd, apgd, trades)", "adversarial training")
+    adv_steps: int = _f(7, "attack steps (pgd, apgd, trades, rslad)", "adversarial training")
     adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
     trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
     ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")
@@ -98,6 +98,8 @@ class TrainConfig:
                             "(taken out of training; 0 = off)", "adversarial training", metavar="N")  # fmt: skip
     keep_best: bool = _f(True, "robust runs end with the weights of the epoch with the best held-out PGD accuracy",
                          "adversarial training")  # fmt: skip
+    teacher: str | None = _f(None, "rslad: the robust run to distil from (e.g. the FP twin of --init-from)",
+                             "adversarial training", metavar="RUN_DIR")  # fmt: skip
     init_from: str | None = _f(None, "start from another run's weights (e.g. a robust FP run)", metavar="RUN_DIR")
     checkpoint_every: int = _f(0, "also checkpoint every STEPS steps (0 = once per epoch)", metavar="STEPS")
     grad_clip: float = _f(0.0, "clip the global gradient norm (0 = off); the same for FP, VQ and DQ", metavar="NORM")
@@ -147,6 +149,9 @@ class TrainConfig:
              "--ibp-reg and --ibp-init belong to certified training: add --adv-train ibp"),
             (not (self.ibp_init and self.init_from),
              "--ibp-init initialises a run from scratch; drop it or --init-from"),
+            (self.adv_train != "rslad" or bool(self.teacher),
+             "--adv-train rslad distils from a robust run: add --teacher RUN_DIR"),
+            (not self.teacher or self.adv_train == "rslad", "--teacher belongs to --adv-train rslad"),
             (self.optimizer in OPTIMIZERS,
              f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
             (self.adv_train != "ibp" or self.model in ("cnv", "tiny"),

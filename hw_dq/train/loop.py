@@ -160,6 +160,17 @@ def _init_from(model: nn.Module, src: str, mcfg: dict[str, Any], scheme_here: st
     rd.load_state(model, state, path)
 
 
+def _teacher(src: str, num_classes: int, device: str) -> nn.Module:
+    """rslad's teacher: a finished run's model, frozen in eval mode; a one-line error for anything else."""
+    path = Path(src)
+    if not (path / rd.MODEL).is_file() or not (path / rd.CONFIG).is_file():
+        raise ConfigError(f"--teacher {src} is not a finished training run (no {rd.MODEL}); train it first")
+    teacher, tcfg = rd.load_model(path, device=device)
+    if tcfg.get("model", {}).get("num_classes", num_classes) != num_classes:
+        raise ConfigError(f"--teacher {src} predicts {tcfg['model']['num_classes']} classes, not {num_classes}")
+    return teacher.requires_grad_(False)
+
+
 def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
     ckpt = run / rd.CHECKPOINT
     if resume:
@@ -304,6 +315,7 @@ def fit(
                 _finish_best(model, cfg, run, data)
             model.eval()
             return model, (rd.read_jsonl(run / rd.METRICS) or [{}])[-1]
+    teacher = _teacher(cfg.teacher, data.num_classes, device) if cfg.teacher else None
     if cfg.ibp_init and resumed is None:
         ibp_init_(model)
     if cfg.optimizer == "adam":
@@ -362,6 +374,7 @@ def fit(
                 seeded_generator(cfg.seed, epoch, step, 31),
                 epoch * steps + step,
                 cfg.epochs * steps,
+                teacher,
             )
             reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
             loss = ce + reg
