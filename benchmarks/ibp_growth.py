@@ -2,9 +2,9 @@
 
 Interval bound propagation certifies nothing once an interval is wider than the signal it brackets.
 For every activation quantizer after a layer, this prints the mean radius of the interval entering it
-over the standard deviation of the interval centres (BatchNorm in training mode, as certified
-training sees it), for the half-width CNV at w4a4 with learned and with fixed activation ranges, each
-with the default initialisation and with the IBP initialisation of Shi et al. 2021
+over the standard deviation of the interval centres (BatchNorm in training mode with the clean
+batch's statistics, as certified training sees it), for the half-width CNV at w4a4 with learned and
+with fixed activation ranges, each with the default initialisation and with the IBP initialisation of Shi et al. 2021
 (``hw_dq.nn.ibp.ibp_init_``). The first column is the input box.
 
     OMP_NUM_THREADS=1 python -m benchmarks.ibp_growth [--eps 2.2] [--n 128]
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     table = [[k] + ["all same" if v is None else f"{v:.3g}" for v in w] for k, w in rows.items()]
     md = (f"# Interval growth through a fresh half-width CNV (w4a4)\n\nCommand: `python -m "
           f"benchmarks.ibp_growth --eps {a.eps:g} --n {a.n}`. {machine_line(m)}.\n\nMean interval radius over "
-          f"the standard deviation of the interval centres, BatchNorm in training mode, {a.n} embedded-sample "
+          f"the standard deviation of the interval centres, BatchNorm in training mode (the clean batch's "
+          f"statistics, as certified training sees it), {a.n} embedded-sample "
           f"images, box radius {a.eps:g}/255, seed 0: the input box, then the input of each activation after "
           "a layer (6 convolutions, 2 hidden linear layers). all same: every image's interval there is the same "
           "(the intervals below it covered the whole activation range).\n\n" + md_table(head, table))  # fmt: skip
