@@ -1,5 +1,6 @@
 """How much quantized fine-tuning a robust FP twin can take: AutoAttack's APGD-CE + APGD-T against
-the length, learning rate and training attack of the fine-tune, at CPU scale.
+the length, learning rate and training attack of the fine-tune, and distillation from the FP twin
+(RSLAD), at CPU scale.
 
 Every variant starts from the same robust FP twin (``robust_gpu --arm cpu``'s ``cpu-fp-at``: half-width
 CNV, N-FGSM, 30 epochs on 10,000 CIFAR-10 images) and differs only in the fine-tune. A screen, not the
