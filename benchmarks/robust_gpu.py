@@ -109,6 +109,13 @@ def plan_cpu() -> list[Step]:
         Step("eval", "cpu-dq-w4a4-short-at"),
         Step("eval", "cpu-vq-w4a4-short-at", eps=2.0),
         Step("eval", "cpu-dq-w4a4-short-at", eps=2.0),
+        # distillation from the FP twin (RSLAD) with the short fine-tune's budget: the screen's best w4a4 row
+        Step(
+            "train",
+            "cpu-vq-w4a4-rslad-at",
+            {**ft, "wbits": 4, "abits": 4, **SHORT, "adv_train": "rslad", "teacher": "cpu-fp-at"},
+        ),  # fmt: skip
+        Step("eval", "cpu-vq-w4a4-rslad-at"),
     ]
 
 
@@ -181,8 +188,9 @@ def train_step(s: Step, work: Path, data: Path) -> dict[str, Any]:
     from hw_dq.train.loop import train
 
     cfg = dict(s.cfg, data_dir=str(data))
-    if "init_from" in cfg:
-        cfg["init_from"] = str(work / cfg["init_from"])
+    for k in ("init_from", "teacher"):  # runs of the same WORK_DIR
+        if k in cfg:
+            cfg[k] = str(work / cfg[k])
     out = work / s.run
     t0 = time.time()
     train(TrainConfig(**cfg), out, resume=(out / rd.CHECKPOINT).is_file(), progress=False)
@@ -367,7 +375,7 @@ def _ready(s: Step, res: dict[str, Any]) -> bool:
     """Whether a step's inputs exist: the run it fine-tunes from, the model it evaluates, the
     evaluation whose examples the accelerator step transfers."""
     if s.kind == "train":
-        return s.cfg.get("init_from") is None or s.cfg["init_from"] in res["train"]
+        return all(s.cfg.get(k) is None or s.cfg[k] in res["train"] for k in ("init_from", "teacher"))
     if s.kind == "hw":
         return _key(s) in res["eval"]
     return s.run in res["train"]
