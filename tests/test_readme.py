@@ -46,6 +46,7 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     names = {"FP + AT": "cpu-fp-at", "VQ w4a4 + AT, short fine-tune (`robust_cpu`)": "cpu-vq-w4a4-short-at",
              "VQ w4a4 + AT (PGD-3, 6 epochs)": "cpu-vq-w4a4-pgd3-at", "VQ w4a4 + AT (N-FGSM)": "cpu-vq-w4a4-at",
              "DQ w4a4 + AT, short fine-tune": "cpu-dq-w4a4-short-at",
+             "VQ w4a4 + RSLAD from the FP twin, short fine-tune": "cpu-vq-w4a4-rslad-at",
              "VQ w2a2, 8-bit first/last layer, + AT": "cpu-vq-w2a2e8-at",
              "DQ w2a2, 8-bit first/last layer, + AT": "cpu-dq-w2a2e8-at"}  # fmt: skip
     rows = _table("| model, CPU scale |")
@@ -72,6 +73,20 @@ def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     _says(f"DQ+AT {_pct(dq4['worst_case'])} against VQ+AT {_pct(vq4['worst_case'])} at 8/255 "
           f"(clean {_pct(dq4['clean'])} and {_pct(vq4['clean'])})")  # fmt: skip
     assert abs(dq4["worst_case"] - vq4["worst_case"]) <= tolerance(vq4["worst_case"], vq4["n"], 0.0)
+    dq42, vq42 = ev["cpu-dq-w4a4-short-at@2"]["worst_case"], ev["cpu-vq-w4a4-short-at@2"]["worst_case"]
+    _says(f"and {_pct(dq42)} against {_pct(vq42)} at 2/255")
+    assert abs(dq42 - vq42) <= tolerance(vq42, 1000, 0.0)
+    # the w4a4 target: RSLAD within two standard errors of the FP twin, PGD-3 outside, the two indistinguishable
+    fp8, rs = ev["cpu-fp-at@8"], ev["cpu-vq-w4a4-rslad-at@8"]
+    two_se = tolerance(fp8["worst_case"], fp8["n"], 0.0)
+    assert fp8["worst_case"] - rs["worst_case"] <= two_se < fp8["worst_case"] - vq4["worst_case"]
+    assert abs(rs["worst_case"] - vq4["worst_case"]) <= tolerance(vq4["worst_case"], vq4["n"], 0.0)
+    assert fp8["clean"] - rs["clean"] <= 0.05
+    _says(
+        f"({_pct(rs['worst_case'])} against {_pct(fp8['worst_case'])}; two standard errors are "
+        f"{100 * two_se:.1f} points)",
+        f"keeps {_pct(tr['cpu-vq-w4a4-rslad-at@8']['transfer_autoattack_hw'])}",
+    )
     fp2, vq2 = ev["cpu-fp-at@2"]["worst_case"], ev["cpu-vq-w4a4-short-at@2"]["worst_case"]
     _says(f"keeps {_pct(vq2)} against the FP twin's {_pct(fp2)}: further from FP than at 8/255")
     assert fp2 - vq2 > ev["cpu-fp-at@8"]["worst_case"] - vq4["worst_case"]
