@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
 from hw_dq.data import load_split
 from hw_dq.errors import ConfigError
-from hw_dq.nn.ibp import certified_fraction, eps_schedule, ibp_bounds, ibp_loss, ibp_margins, kappa_schedule
+from hw_dq.nn.ibp import (
+    certified_fraction,
+    eps_schedule,
+    ibp_bounds,
+    ibp_loss,
+    ibp_margins,
+    ibp_margins_and_logits,
+    kappa_schedule,
+)
 from hw_dq.nn.models import create_model
 
 EPS = 4 / 255
@@ -86,6 +96,28 @@ def test_training_mode_bounds_use_the_clean_batch_statistics(bits, batch):
         assert ((z.gather(1, y[:, None]) - z) >= train_lb - 1e-4).all()
 
 
+@pytest.mark.parametrize("bits", [(2, 2), (None, None)], ids=["w2a2", "float"])
+def test_one_pass_gives_the_clean_forward_and_its_running_statistics(bits, batch):
+    """Certified training's single pass: its logits are ``model(x)`` in training mode, its margins are
+    ``ibp_margins``', and BatchNorm's running statistics move exactly as one clean forward moves them;
+    ``ibp_margins`` alone leaves them as they are."""
+    x, y = batch
+    torch.manual_seed(0)
+    ref = create_model("tiny", *bits, act_range="fixed").train()
+    one = copy.deepcopy(ref)
+    stats = lambda m: [t.clone() for k, t in m.state_dict().items() if "running" in k]  # noqa: E731
+    before = stats(one)
+    with torch.no_grad():
+        ibp_margins(one, x, y, 2 / 255)
+        assert all(torch.equal(a, b) for a, b in zip(stats(one), before, strict=True))
+        z = ref(x)
+        lb, logits = ibp_margins_and_logits(one, x, y, 2 / 255)
+        assert torch.allclose(logits, z, atol=1e-4)
+        for a, b, c in zip(stats(one), stats(ref), before, strict=True):
+            assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, c)
+        assert torch.allclose(lb, ibp_margins(one, x, y, 2 / 255), atol=1e-5)
+
+
 def test_eps0_margins_are_the_clean_logit_differences(batch):
     x, y = batch
     model = _model(2, 2, batch)
@@ -121,6 +153,19 @@ def test_ibp_loss_trains_a_tiny_batch(batch):
     assert 0.0 <= certified_fraction(model.eval(), x, y, 2 / 255) <= 1.0
 
 
+def test_smooth_ramp_starts_slowly_and_joins_the_linear_rise():
+    """Shi et al.'s ramp: t^4 for the first quarter, then linear with the same slope, same end points."""
+    total, kw = 1000, dict(warmup=0.1, ramp=0.8, shape="smooth")
+    vals = [eps_schedule(s, total, 1.0, **kw) for s in range(total + 1)]
+    lin = [eps_schedule(s, total, 1.0, warmup=0.1, ramp=0.8) for s in range(total + 1)]
+    assert vals[100] == 0.0 and vals[900] == 1.0 and vals == sorted(vals)
+    assert vals[300] == pytest.approx(0.077, abs=0.001)  # a quarter of the ramp: 7.7% of eps, not 25%
+    assert all(v <= w + 1e-12 for v, w in zip(vals, lin, strict=True)) and vals[180] < 0.05 * lin[180]
+    before, after = vals[300] - vals[299], vals[302] - vals[301]
+    assert abs(before - after) < 0.02 * after  # no kink where the pieces meet
+    assert kappa_schedule(300, total, 0.2, **kw) == pytest.approx(1 - 0.8 * vals[300])
+
+
 def test_schedules_and_errors():
     assert eps_schedule(0, 100, 8.0) == 0.0 and eps_schedule(10, 100, 8.0) == 0.0
     assert eps_schedule(35, 100, 8.0) == pytest.approx(4.0) and eps_schedule(99, 100, 8.0) == 8.0
@@ -129,6 +174,8 @@ def test_schedules_and_errors():
     assert kappa_schedule(0, 100) == 1.0 and kappa_schedule(99, 100, 0.5) == 0.5
     with pytest.raises(ConfigError):
         eps_schedule(1, 0, 1.0)
+    with pytest.raises(ConfigError, match="shape"):
+        eps_schedule(1, 10, 1.0, shape="cubic")
     x = torch.rand(2, 3, 32, 32)
     with pytest.raises(ConfigError, match="IBP supports"):
         ibp_margins(create_model("wrn", 2, 2, width=1, depth=10), x, torch.zeros(2, dtype=torch.long), 0.01)

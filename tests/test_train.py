@@ -239,6 +239,9 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--adv-train", "ibp", "--ibp-reg", "-1"], "--ibp-reg"),
         (["--adv-train", "pgd", "--ibp-reg", "0.5"], "--adv-train ibp"),
         (["--adv-train", "ibp", "--ibp-init", "--init-from", "x"], "--ibp-init"),
+        (["--adv-train", "ibp", "--ibp-warmup", "0.6", "--ibp-ramp", "0.6"], "invalid IBP ramp"),
+        (["--adv-train", "ibp", "--ibp-ramp", "0"], "invalid IBP ramp"),
+        (["--adv-train", "ibp", "--ibp-schedule", "cubic"], "invalid choice"),
         (["--optimizer", "lbfgs"], "invalid choice"),
         (["--adv-train", "rslad"], "--teacher"),
         (["--adv-train", "pgd", "--teacher", "x"], "--adv-train rslad"),
@@ -365,3 +368,13 @@ def test_ibp_recipe_ramps_from_clean_to_the_interval_worst_case():
     loss1, logits = adv.adversarial_loss(model, x, y, recipe, gen, step=100, total=100)
     clean = torch.nn.functional.cross_entropy(logits, y)
     assert loss1 > clean + 1e-3  # ramped: the interval worst case raises the loss above the clean one
+    # the ramp's fractions and shape reach the step: a longer warm-up is still clean at step 40, the
+    # default one is not; the smooth ramp's worst case at the same step is milder than the linear one
+    kw = dict(**SMALL, wbits=2, abits=2, adv_train="ibp", adv_eps=16)
+    late = TrainConfig(**kw, ibp_warmup=0.5).adv
+    smooth = TrainConfig(**kw, ibp_schedule="smooth").adv
+    losses = {}
+    for name, r in (("late", late), ("linear", TrainConfig(**kw).adv), ("smooth", smooth)):
+        loss, logits = adv.adversarial_loss(model.train(), x, y, r, gen, step=40, total=100)
+        losses[name] = float(loss - torch.nn.functional.cross_entropy(logits, y))
+    assert losses["late"] == pytest.approx(0.0, abs=1e-6) and losses["linear"] > losses["smooth"] > 0

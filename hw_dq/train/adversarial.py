@@ -48,6 +48,9 @@ class AdvRecipe:
     trades_beta: float = 6.0
     ibp_kappa: float = 0.5  # the clean-loss weight IBP's ramp ends at
     ibp_reg: float = 0.0  # weight of the warm-up regularisers (hw_dq.nn.ibp.warmup_reg) at the ramp's start
+    ibp_schedule: str = "linear"  # the eps ramp's shape (hw_dq.nn.ibp.eps_schedule)
+    ibp_warmup: float = 0.1  # fraction of the steps before the ramp
+    ibp_ramp: float = 0.5  # fraction of the steps the ramp takes
 
     @property
     def active(self) -> bool:
@@ -167,16 +170,23 @@ def adversarial_loss(
         logits = net(x)
         return F.cross_entropy(logits, y), logits
     if r.kind == "ibp":
-        logits = net(x)  # the clean forward first: BatchNorm's running statistics see clean images only
-        eps = ibp.eps_schedule(step, total, r.eps / 255.0)
-        kappa = ibp.kappa_schedule(step, total, r.ibp_kappa)
-        loss = F.cross_entropy(logits, y)
-        if eps > 0:
-            rec: list | None = [] if r.ibp_reg > 0 else None
-            worst = -ibp.ibp_margins(getattr(net, "module", net), x, y, eps, record=rec)
-            loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, y)
-            if rec:  # Shi et al. 2021: the regularisers fade out as eps reaches its maximum
-                loss = loss + r.ibp_reg * (1.0 - eps * 255.0 / r.eps) * ibp.warmup_reg(rec)
+        ramp = (r.ibp_warmup, r.ibp_ramp, r.ibp_schedule)
+        eps = ibp.eps_schedule(step, total, r.eps / 255.0, *ramp)
+        kappa = ibp.kappa_schedule(step, total, r.ibp_kappa, *ramp)
+        if eps <= 0:
+            logits = net(x)
+            return F.cross_entropy(logits, y), logits
+        rec: list | None = [] if r.ibp_reg > 0 else None
+        if getattr(net, "module", None) is None:
+            # one pass: the clean point rides along the bounds and is the clean forward (BatchNorm's
+            # running statistics are updated by it, and by nothing else)
+            margins, logits = ibp.ibp_margins_and_logits(net, x, y, eps, record=rec)
+        else:  # DistributedDataParallel: the clean forward goes through the wrapper, which syncs gradients
+            logits = net(x)
+            margins = ibp.ibp_margins(net.module, x, y, eps, record=rec)
+        loss = kappa * F.cross_entropy(logits, y) + (1.0 - kappa) * F.cross_entropy(-margins, y)
+        if rec:  # Shi et al. 2021: the regularisers fade out as eps reaches its maximum
+            loss = loss + r.ibp_reg * (1.0 - eps * 255.0 / r.eps) * ibp.warmup_reg(rec)
         return loss, logits
     if r.kind == "rslad":
         # Zi et al. 2021: the robust teacher's clean probabilities are the soft label of both terms

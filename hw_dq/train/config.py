@@ -12,7 +12,7 @@ from typing import Any
 
 from hw_dq.data import DATASETS
 from hw_dq.errors import ConfigError
-from hw_dq.nn import lipschitz
+from hw_dq.nn import ibp, lipschitz
 from hw_dq.nn.models import MODELS, ModelConfig, is_custom
 from hw_dq.nn.quant import bits_label, parse_bits
 from hw_dq.train.adversarial import RECIPES, AdvRecipe
@@ -92,6 +92,12 @@ class TrainConfig:
         "balanced activation states), fading to 0 as eps reaches its maximum",
         "adversarial training",
     )
+    ibp_schedule: str = _f("linear", "ibp: the eps ramp's shape: linear (Gowal et al. 2018) or smooth (t^4 for "
+                           "its first quarter, then linear: Shi et al. 2021)", "adversarial training",
+                           choices=ibp.SCHEDULES)  # fmt: skip
+    ibp_warmup: float = _f(0.1, "ibp: fraction of the training steps with eps 0 before the ramp", "adversarial training")
+    ibp_ramp: float = _f(0.5, "ibp: fraction of the training steps over which eps rises to --adv-eps",
+                         "adversarial training")  # fmt: skip
     ibp_init: bool = _f(False, "ibp: IBP initialisation (Shi et al. 2021) of a run that starts from scratch",
                         "adversarial training")  # fmt: skip
     robust_eval_n: int = _f(512, "held-out training images for the per-epoch PGD-10 check of robust runs "
@@ -119,6 +125,8 @@ class TrainConfig:
                 self.adv_alpha or 0.0,
                 self.weight_decay,
                 self.ibp_reg,
+                self.ibp_warmup,
+                self.ibp_ramp,
             )
         )
         checks = [
@@ -145,6 +153,11 @@ class TrainConfig:
             (self.trades_beta >= 0, f"invalid --trades-beta {self.trades_beta}: must be >= 0"),
             (0 <= self.ibp_kappa <= 1, f"invalid --ibp-kappa {self.ibp_kappa}: must lie in [0, 1]"),
             (self.ibp_reg >= 0, f"invalid --ibp-reg {self.ibp_reg}: must be >= 0"),
+            (self.ibp_schedule in ibp.SCHEDULES,
+             f"unknown --ibp-schedule {self.ibp_schedule!r}; choose one of {', '.join(ibp.SCHEDULES)}"),
+            (0 <= self.ibp_warmup < 1 and 0 < self.ibp_ramp <= 1 and self.ibp_warmup + self.ibp_ramp <= 1,
+             f"invalid IBP ramp: --ibp-warmup {self.ibp_warmup} and --ibp-ramp {self.ibp_ramp} are fractions of "
+             "training with warm-up >= 0, ramp > 0 and warm-up + ramp <= 1"),
             (not (self.ibp_reg or self.ibp_init) or self.adv_train == "ibp",
              "--ibp-reg and --ibp-init belong to certified training: add --adv-train ibp"),
             (not (self.ibp_init and self.init_from),
@@ -188,8 +201,9 @@ class TrainConfig:
     @property
     def adv(self) -> AdvRecipe:
         return AdvRecipe(
-            self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa, self.ibp_reg
-        )
+            self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa,
+            self.ibp_reg, self.ibp_schedule, self.ibp_warmup, self.ibp_ramp,
+        )  # fmt: skip
 
     def model_config(self, in_channels: int = 3, num_classes: int = 10) -> ModelConfig:
         """The model section; channels and classes come from the training data."""
