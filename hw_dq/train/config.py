@@ -95,7 +95,8 @@ class TrainConfig:
     ibp_schedule: str = _f("linear", "ibp: the eps ramp's shape: linear (Gowal et al. 2018) or smooth (t^4 for "
                            "its first quarter, then linear: Shi et al. 2021)", "adversarial training",
                            choices=ibp.SCHEDULES)  # fmt: skip
-    ibp_warmup: float = _f(0.1, "ibp: fraction of the training steps with eps 0 before the ramp", "adversarial training")
+    ibp_warmup: float = _f(0.1, "ibp: fraction of the training steps with eps 0 before the ramp",
+                           "adversarial training")  # fmt: skip
     ibp_ramp: float = _f(0.5, "ibp: fraction of the training steps over which eps rises to --adv-eps",
                          "adversarial training")  # fmt: skip
     ibp_init: bool = _f(False, "ibp: IBP initialisation (Shi et al. 2021) of a run that starts from scratch",
