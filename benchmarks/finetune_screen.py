@@ -59,6 +59,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                     {"wbits": 4, "abits": 4, **RSLAD3, "epochs": 2, "lr": 0.0005}),
     "rslad3-lr005-w2a2e8": ("w2a2 + 8-bit ends, RSLAD-3 from the FP twin, 6 epochs at lr 0.005",
                             {"wbits": 2, "abits": 2, "end_bits": 8, **RSLAD3, "epochs": 6, "lr": 0.005}),
+    # which half of w2a2 costs the robustness, 2-bit weights or 2-bit activations: lr005-w2a2e8's recipe
+    "lr005-w2a4e8": ("w2a4 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
+                     {"wbits": 2, "abits": 4, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+    "lr005-w4a2e8": ("w4a2 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
+                     {"wbits": 4, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
 }  # fmt: skip
 # committed models of robust_gpu's cpu arm, scored from their saved AutoAttack examples
 REFERENCES = {

@@ -116,6 +116,7 @@ def plan_cpu() -> list[Step]:
             {**ft, "wbits": 4, "abits": 4, **SHORT, "adv_train": "rslad", "teacher": "cpu-fp-at"},
         ),  # fmt: skip
         Step("eval", "cpu-vq-w4a4-rslad-at"),
+        Step("hw", "cpu-vq-w4a4-rslad-at"),
     ]
 
 
