@@ -118,6 +118,22 @@ def test_one_pass_gives_the_clean_forward_and_its_running_statistics(bits, batch
         assert torch.allclose(lb, ibp_margins(one, x, y, 2 / 255), atol=1e-5)
 
 
+def test_the_rounded_box_is_a_staircase_and_the_relaxed_box_grows_with_eps(batch):
+    """The 8-bit input quantizer rounds a box of radius below half a level back to the pixel itself:
+    exact bounds at 0.4/255 are the clean margins, and 0.6/255 gives the same bounds as one whole
+    level. The relaxed training box is none of these: its bounds loosen steadily with eps."""
+    x, y = batch
+    model = _model(4, 4, batch)
+    with torch.no_grad():
+        exact = {e: ibp_margins(model, x, y, e / 255) for e in (0.0, 0.4, 0.6, 1.0)}
+        relaxed = {e: ibp_margins(model, x, y, e / 255, relax_input=True) for e in (0.0, 0.4, 0.6, 1.0)}
+    assert torch.allclose(exact[0.4], exact[0.0], atol=1e-5) and torch.allclose(exact[0.6], exact[1.0], atol=1e-5)
+    assert not torch.allclose(exact[0.6], exact[0.4], atol=1e-3)
+    assert torch.allclose(relaxed[0.0], exact[0.0], atol=1e-5)
+    gaps = [float((relaxed[0.0] - relaxed[e]).mean()) for e in (0.4, 0.6, 1.0)]
+    assert 0 < gaps[0] < gaps[1] < gaps[2]
+
+
 def test_eps0_margins_are_the_clean_logit_differences(batch):
     x, y = batch
     model = _model(2, 2, batch)

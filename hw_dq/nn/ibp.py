@@ -129,39 +129,66 @@ def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ibp_margins_and_logits(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, record: list | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    record: list | None = None,
+    relax_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ibp_margins` and the clean logits ``model(x)`` from one pass: the clean point rides along
     the bounds (BatchNorm needs it anyway in training mode), and in training mode it is the clean
     forward, updating BatchNorm's running statistics once as ``model(x)`` would. Certified training's
     step; it saves the separate clean forward (about a quarter of the step's arithmetic)."""
-    return _margins(model, x, y, eps, record, update_stats=True)
+    return _margins(model, x, y, eps, record, update_stats=True, relax_input=relax_input)
 
 
 def ibp_margins(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, record: list | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    record: list | None = None,
+    relax_input: bool = False,
 ) -> torch.Tensor:
     """Lower bounds of ``z_y - z_j`` (N x C, zero at j = y) over the Linf box of radius ``eps``
     (in input units, e.g. 2/255) around ``x``: the last linear layer on the differences. No side
     effect on the model (BatchNorm's running statistics stay as they are).
 
     ``record``: a list that gets the input box and then the bounds entering every activation
-    quantizer after the first layer (the pre-activations :func:`warmup_reg` looks at)."""
-    return _margins(model, x, y, eps, record, update_stats=False)[0]
+    quantizer after the first layer (the pre-activations :func:`warmup_reg` looks at).
+
+    ``relax_input``: the box enters the first layer as it is, not rounded by the input quantizer to
+    whole 1/255 levels. A bound for training only: the rounded box is what the accelerator sees,
+    and with it a radius below half a level is no box at all (every pixel rounds back to itself), so
+    an eps ramp is a staircase of whole levels: nothing is trained while eps < 0.5/255, then the
+    box jumps to +-1 level. The relaxed box grows with eps, and it contains the rounded one's
+    centre and all but the last half level of its reach (``eps`` 2.2/255 covers 2 levels)."""
+    return _margins(model, x, y, eps, record, update_stats=False, relax_input=relax_input)[0]
 
 
 def _margins(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, record: list | None, update_stats: bool
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    record: list | None,
+    update_stats: bool,
+    relax_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mods, last = _chain(model)
     lo, hi = _box(x, eps)
     if record is not None:
         record.append((lo, hi))
     seen_layer, pt = False, x
-    for m in mods:
+    for i, m in enumerate(mods):
         seen_layer = seen_layer or isinstance(m, nn.Conv2d | nn.Linear)
         if record is not None and seen_layer and _is_quant_act(m):
             record.append((lo, hi))
+        if relax_input and i == 0:  # the input quantizer: the point is rounded, the box passes as it is
+            pt = m(pt)
+            pt = pt.value if hasattr(pt, "value") else pt
+            continue
         lo, hi, pt = _layer(m, lo, hi, pt, update_stats)
     w = _weight(last)  # C x K
     d = w[y].unsqueeze(1) - w.unsqueeze(0)  # N x C x K: w_y - w_j
