@@ -134,6 +134,23 @@ def test_the_rounded_box_is_a_staircase_and_the_relaxed_box_grows_with_eps(batch
     assert 0 < gaps[0] < gaps[1] < gaps[2]
 
 
+def test_relu_grad_reaches_layers_whose_intervals_cover_the_whole_range(batch):
+    """With the whole image space as the box, the first layer's intervals cover the clipped range of
+    the 2-bit ReLU and the clip stops every gradient of the bounds to that layer's weights (eval mode:
+    no batch statistics to carry one); ``relu_grad`` gives them one, with the same values."""
+    x, y = batch
+    model = _model(2, 2, batch)
+    first = model.features[0].weight
+    grads, values = {}, {}
+    for flag in (False, True):
+        first.grad = None
+        lb = ibp_margins(model, x, y, 1.0, relu_grad=flag)
+        F.cross_entropy(-lb, y).backward()
+        grads[flag], values[flag] = float(first.grad.abs().sum()), lb.detach()
+    assert torch.equal(values[False], values[True])
+    assert grads[False] == 0.0 < grads[True]
+
+
 def test_eps0_margins_are_the_clean_logit_differences(batch):
     x, y = batch
     model = _model(2, 2, batch)

@@ -243,6 +243,7 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--adv-train", "ibp", "--ibp-ramp", "0"], "invalid IBP ramp"),
         (["--adv-train", "ibp", "--ibp-schedule", "cubic"], "invalid choice"),
         (["--adv-train", "pgd", "--ibp-relax-input"], "--adv-train ibp"),
+        (["--adv-train", "pgd", "--ibp-relu-grad"], "--adv-train ibp"),
         (["--optimizer", "lbfgs"], "invalid choice"),
         (["--adv-train", "rslad"], "--teacher"),
         (["--adv-train", "pgd", "--teacher", "x"], "--adv-train rslad"),

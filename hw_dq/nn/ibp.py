@@ -67,10 +67,31 @@ def _shape(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 Bounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lower, upper, the clean point
 
 
-def _layer(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor, pt: torch.Tensor, update_stats: bool = False) -> Bounds:
+def _clipped_relu(m: nn.Module) -> bool:
+    """An activation that is a ReLU clipped at a maximum: a quantized ReLU, or the float ReLU6 (Hardtanh(0, r))."""
+    import brevitas.nn as qnn
+
+    return isinstance(m, qnn.QuantReLU) or (isinstance(m, nn.Hardtanh) and m.min_val == 0.0)
+
+
+def _relu_grad(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out``'s value with a ReLU's gradient in ``v``: 1 above 0, also above the clipping range."""
+    r = F.relu(v)
+    return r + (out - r).detach()
+
+
+def _layer(
+    m: nn.Module,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    pt: torch.Tensor,
+    update_stats: bool = False,
+    relu_grad: bool = False,
+) -> Bounds:
     """Bounds through one module, and the clean point ``pt`` (whose batch statistics BatchNorm uses in
     training mode) through the same module; ``update_stats``: the point is the clean forward, and
-    BatchNorm's running statistics take its batch statistics as the module's own forward would."""
+    BatchNorm's running statistics take its batch statistics as the module's own forward would;
+    ``relu_grad``: the bounds (not the point) get a ReLU's gradient through a clipped activation."""
     if isinstance(m, nn.Conv2d | nn.Linear):
         w = _weight(m)
         c, r = (hi + lo) / 2, (hi - lo) / 2
@@ -93,11 +114,14 @@ def _layer(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor, pt: torch.Tensor, u
         lo, hi = lo - SLACK * (1 + lo.abs()), hi + SLACK * (1 + hi.abs())
         out = m(torch.cat([lo, hi, pt]))  # monotone: the ends map to the ends
         out = out.value if hasattr(out, "value") else out
-        return out[:n], out[n : 2 * n], out[2 * n :]
-    if isinstance(m, nn.Hardtanh | nn.ReLU | nn.ReLU6 | nn.MaxPool2d | nn.Identity | nn.Flatten):
+    elif isinstance(m, nn.Hardtanh | nn.ReLU | nn.ReLU6 | nn.MaxPool2d | nn.Identity | nn.Flatten):
         n = lo.shape[0]
         out = m(torch.cat([lo, hi, pt]))
-        return out[:n], out[n : 2 * n], out[2 * n :]
+    else:
+        raise ConfigError(f"IBP has no rule for {type(m).__name__}; supported models: cnv, tiny")
+    if relu_grad and _clipped_relu(m):
+        return _relu_grad(lo, out[:n]), _relu_grad(hi, out[n : 2 * n]), out[2 * n :]
+    return out[:n], out[n : 2 * n], out[2 * n :]
     raise ConfigError(f"IBP has no rule for {type(m).__name__}; supported models: cnv, tiny")
 
 
@@ -135,13 +159,14 @@ def ibp_margins_and_logits(
     eps: float,
     record: list | None = None,
     relax_input: bool = False,
+    relu_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ibp_margins` and the clean logits ``model(x)`` from one pass: the clean point rides along
     the bounds (BatchNorm needs it anyway in training mode), and in training mode it is the clean
     forward, updating BatchNorm's running statistics once as ``model(x)`` would. Certified training's
     step; it saves the separate clean forward (13% of the step's time on the half-width CNV at batch 128,
     ``benchmarks/results/robust_step.md``)."""
-    return _margins(model, x, y, eps, record, update_stats=True, relax_input=relax_input)
+    return _margins(model, x, y, eps, record, update_stats=True, relax_input=relax_input, relu_grad=relu_grad)
 
 
 def ibp_margins(
@@ -151,6 +176,7 @@ def ibp_margins(
     eps: float,
     record: list | None = None,
     relax_input: bool = False,
+    relu_grad: bool = False,
 ) -> torch.Tensor:
     """Lower bounds of ``z_y - z_j`` (N x C, zero at j = y) over the Linf box of radius ``eps``
     (in input units, e.g. 2/255) around ``x``: the last linear layer on the differences. No side
@@ -164,8 +190,13 @@ def ibp_margins(
     and with it a radius below half a level is no box at all (every pixel rounds back to itself), so
     an eps ramp is a staircase of whole levels: nothing is trained while eps < 0.5/255, then the
     box jumps to +-1 level. The relaxed box grows with eps, and it contains the rounded one's
-    centre and all but the last half level of its reach (``eps`` 2.2/255 covers 2 levels)."""
-    return _margins(model, x, y, eps, record, update_stats=False, relax_input=relax_input)[0]
+    centre and all but the last half level of its reach (``eps`` 2.2/255 covers 2 levels).
+
+    ``relu_grad``: a training surrogate with the same values. Through a clipped activation (ReLU6, or
+    a quantized ReLU on [0, r]) a bound above r has zero gradient, so once an interval covers the whole
+    range nothing can shrink it; with ``relu_grad`` the bounds get a ReLU's gradient there (as in the
+    unclipped ReLU networks IBP was designed for), the clean point keeps the module's own."""
+    return _margins(model, x, y, eps, record, update_stats=False, relax_input=relax_input, relu_grad=relu_grad)[0]
 
 
 def _margins(
@@ -176,6 +207,7 @@ def _margins(
     record: list | None,
     update_stats: bool,
     relax_input: bool = False,
+    relu_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mods, last = _chain(model)
     lo, hi = _box(x, eps)
@@ -190,7 +222,7 @@ def _margins(
             pt = m(pt)
             pt = pt.value if hasattr(pt, "value") else pt
             continue
-        lo, hi, pt = _layer(m, lo, hi, pt, update_stats)
+        lo, hi, pt = _layer(m, lo, hi, pt, update_stats, relu_grad)
     w = _weight(last)  # C x K
     d = w[y].unsqueeze(1) - w.unsqueeze(0)  # N x C x K: w_y - w_j
     c, r = (hi + lo) / 2, (hi - lo) / 2

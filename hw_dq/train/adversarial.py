@@ -52,6 +52,7 @@ class AdvRecipe:
     ibp_warmup: float = 0.1  # fraction of the steps before the ramp
     ibp_ramp: float = 0.5  # fraction of the steps the ramp takes
     ibp_relax_input: bool = False  # train the bounds on the box before the input quantizer's rounding
+    ibp_relu_grad: bool = False  # the bounds get a ReLU's gradient through clipped activations
 
     @property
     def active(self) -> bool:
@@ -181,10 +182,10 @@ def adversarial_loss(
         if getattr(net, "module", None) is None:
             # one pass: the clean point rides along the bounds and is the clean forward (BatchNorm's
             # running statistics are updated by it, and by nothing else)
-            margins, logits = ibp.ibp_margins_and_logits(net, x, y, eps, rec, r.ibp_relax_input)
+            margins, logits = ibp.ibp_margins_and_logits(net, x, y, eps, rec, r.ibp_relax_input, r.ibp_relu_grad)
         else:  # DistributedDataParallel: the clean forward goes through the wrapper, which syncs gradients
             logits = net(x)
-            margins = ibp.ibp_margins(net.module, x, y, eps, rec, r.ibp_relax_input)
+            margins = ibp.ibp_margins(net.module, x, y, eps, rec, r.ibp_relax_input, r.ibp_relu_grad)
         loss = kappa * F.cross_entropy(logits, y) + (1.0 - kappa) * F.cross_entropy(-margins, y)
         if rec:  # Shi et al. 2021: the regularisers fade out as eps reaches its maximum
             loss = loss + r.ibp_reg * (1.0 - eps * 255.0 / r.eps) * ibp.warmup_reg(rec)

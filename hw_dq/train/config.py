@@ -102,6 +102,9 @@ class TrainConfig:
     ibp_relax_input: bool = _f(False, "ibp: train on the box before the 8-bit input quantizer rounds it to whole "
                                "1/255 levels (without it an eps ramp is a staircase of whole levels; "
                                "certificates always use the rounded box)", "adversarial training")  # fmt: skip
+    ibp_relu_grad: bool = _f(False, "ibp: the bounds get a ReLU's gradient through each clipped activation (the "
+                             "clip's own is zero above its range, so an interval covering the whole range "
+                             "could never shrink); values unchanged", "adversarial training")  # fmt: skip
     ibp_init: bool = _f(False, "ibp: IBP initialisation (Shi et al. 2021) of a run that starts from scratch",
                         "adversarial training")  # fmt: skip
     robust_eval_n: int = _f(512, "held-out training images for the per-epoch PGD-10 check of robust runs "
@@ -162,8 +165,10 @@ class TrainConfig:
             (0 <= self.ibp_warmup < 1 and 0 < self.ibp_ramp <= 1 and self.ibp_warmup + self.ibp_ramp <= 1,
              f"invalid IBP ramp: --ibp-warmup {self.ibp_warmup} and --ibp-ramp {self.ibp_ramp} are fractions of "
              "training with warm-up >= 0, ramp > 0 and warm-up + ramp <= 1"),
-            (not (self.ibp_reg or self.ibp_init or self.ibp_relax_input) or self.adv_train == "ibp",
-             "--ibp-reg, --ibp-init and --ibp-relax-input belong to certified training: add --adv-train ibp"),
+            (not (self.ibp_reg or self.ibp_init or self.ibp_relax_input or self.ibp_relu_grad)
+             or self.adv_train == "ibp",
+             "--ibp-reg, --ibp-init, --ibp-relax-input and --ibp-relu-grad belong to certified training: "
+             "add --adv-train ibp"),
             (not (self.ibp_init and self.init_from),
              "--ibp-init initialises a run from scratch; drop it or --init-from"),
             (self.adv_train != "rslad" or bool(self.teacher),
@@ -207,6 +212,7 @@ class TrainConfig:
         return AdvRecipe(
             self.adv_train, self.adv_eps, self.adv_steps, self.adv_alpha, self.trades_beta, self.ibp_kappa,
             self.ibp_reg, self.ibp_schedule, self.ibp_warmup, self.ibp_ramp, self.ibp_relax_input,
+            self.ibp_relu_grad,
         )  # fmt: skip
 
     def model_config(self, in_channels: int = 3, num_classes: int = 10) -> ModelConfig:
