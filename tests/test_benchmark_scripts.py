@@ -88,3 +88,21 @@ def test_hw_transfer_measures_only_quantized_models_not_measured_before(tmp_path
     assert calls == ["new"]
     assert out["old@8"] == {"kept": 1} and set(out) == {"old@8", "new@8"}
     assert out["new@8"]["clean_hw"] == 0.5 and out["new@8"]["transfer_autoattack_hw"] == 0.25
+
+
+def test_ibp_growth_of_a_trained_run_and_its_bad_radii(tmp_path: Path) -> None:
+    """The trained-run mode measures a run's intervals: a wider box is never tighter, and the widths at
+    the smallest radius are below those at the largest at every layer; bad radii are one line."""
+    from benchmarks import ibp_growth
+    from hw_dq.data import load_split
+    from hw_dq.nn.models import create_model
+
+    proc = _run("benchmarks.ibp_growth", "--runs", str(tmp_path), "--radii", "0,x")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--radii" in proc.stderr
+    x, y = load_split("sample", "test").take(64, seed=0).tensors()
+    model = create_model("cnv", 4, 4, width=0.25, act_range="fixed").eval()
+    small, c_small, ce_small = ibp_growth.widths(model, x, y, 0.1, relax_input=True)
+    large, c_large, ce_large = ibp_growth.widths(model, x, y, 4.0, relax_input=True)
+    assert len(small) == len(large) == 9  # the input box and the 8 activations after a layer
+    assert small[0] < large[0] and small[1] < large[1]
+    assert c_small >= c_large and ce_small <= ce_large
