@@ -267,3 +267,24 @@ def test_autoattack_against_the_composite_table_matches_its_results_file() -> No
         assert row[2:] == want, (row, want)
         # the acceptance of the evaluation issue: AutoAttack at most the composite, or within 2 SE
         assert r["verdict"]["autoattack_le_composite_within_2se"]
+
+
+def test_cnv_certificates_match_their_results_files() -> None:
+    """The first CNV certificates (both training fixes): the README's figures are the JSON's, the bounds
+    narrow (the widest layer well under one output level at 2/255 where the 0% run covered all 15), and
+    certified accuracy never above the accelerator's clean accuracy and falling with eps."""
+    w4 = _load("ibp_cnv_w4a4_cpu/relugrad48/certified-hw.json")
+    w2 = _load("ibp_cnv_w4a4_cpu/w2a2_relugrad44/certified-hw.json")
+    before = _load("ibp_cnv_w4a4_cpu/certified-hw.json")
+    cert = {e["eps"]: e["robust_acc"] for e in w4["evaluations"]}
+    _says(", ".join(_pct(cert[e]) for e in (1.0, 2.0, 4.0)) + f" and {_pct(cert[8.0])} at 1, 2, 4 and 8/255")
+    c2 = {e["eps"]: e["robust_acc"] for e in w2["evaluations"]}
+    _says(f"certifies {_pct(c2[2.0])} at 2/255 and {_pct(c2[8.0])}", f"at {_pct(w2['clean_acc'])} clean")
+    _says(f"Clean accuracy fell to {_pct(w4['clean_acc'])}")
+    for d in (w4, w2):
+        vals = [e["robust_acc"] for e in sorted(d["evaluations"], key=lambda e: e["eps"])]
+        assert vals == sorted(vals, reverse=True) and vals[0] <= d["clean_acc"]
+    widest = max(layer["mean_width"] for c in w4["certified"] if c["eps"] == 2.0 for layer in c["layers"])
+    old = [layer["mean_width"] for c in before["certified"] if c["eps"] == 2.0 for layer in c["layers"]]
+    _says(f"interval is {widest:.2f} output levels, against all {max(old):.0f} levels before")
+    assert widest < 1.0 and max(old) == 15.0 and cert[2.0] > 0 == max(e["robust_acc"] for e in before["evaluations"])
