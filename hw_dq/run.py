@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from hw_dq.errors import CheckpointError, ConfigError, DataError, HwDqError
@@ -124,13 +125,20 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train first (hw-dq train --out DIR)")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("hw_dq", "{}")
-        tensors = load_file(str(path))
+        # One read of one open file: a writer's os.replace between two opens (metadata, then tensors)
+        # would mix two checkpoints, or map a header against the other file's size.
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) < 8:
+            raise ValueError("file shorter than a safetensors header")
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else None
+        if not isinstance(header, dict):
+            raise ValueError("truncated or invalid safetensors header")
+        raw = (header.get("__metadata__") or {}).get("hw_dq", "{}")
+        tensors = load_bytes(data)
         meta = json.loads(raw)
-    except (SafetensorError, OSError, ValueError, TypeError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a safetensors file ({e}); "
             "delete it and re-train, or --resume from an intact run"

@@ -116,3 +116,36 @@ def test_other_os_errors_are_not_disguised(monkeypatch: pytest.MonkeyPatch) -> N
     """Only the disk's errors become one line; any other OSError is a bug and keeps its traceback."""
     with pytest.raises(OSError, match="boom"), rd.guard(None):
         raise OSError(errno.EIO, "boom")
+
+
+def test_checkpoint_read_while_a_writer_replaces_it(tmp_path: Path) -> None:
+    """A reader (``--resume``, ``status``, a test watching a run) racing a training process's atomic
+    rename must get one whole checkpoint, its metadata and tensors from the same write: never a header
+    of one file mapped against the other's size (the CI failure this guards against)."""
+    import json
+    import threading
+
+    import torch
+    from safetensors.torch import save_file
+
+    path, tmp = tmp_path / "checkpoint.safetensors", tmp_path / "next.tmp"
+    rd.save_tensors(path, {"w": torch.zeros(4096)}, {"i": 0})
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1  # the metadata's length changes with i, so two writes differ in header size
+            meta = {"hw_dq": json.dumps({"i": i, "pad": "x" * (i % 97)})}
+            save_file({"w": torch.full((4096,), float(i))}, str(tmp), metadata=meta)
+            os.replace(tmp, path)  # save_tensors' atomic rename, without its fsyncs: more renames per read
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(2000):
+            tensors, meta = rd.load_tensors(path)
+            assert float(tensors["w"][0]) == meta["i"] == float(tensors["w"][-1])
+    finally:
+        stop.set()
+        t.join()
