@@ -10,7 +10,7 @@ import pytest
 
 from hw_dq.data import load_split
 from hw_dq.fpga.build import build_run
-from hw_dq.fpga.hwattack import craft, evaluate_hw, find_build, load_simulator
+from hw_dq.fpga.hwattack import craft, evaluate_hw, find_build, hw_labels, load_simulator
 from hw_dq.robust.registry import HW_ATTACKS
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
@@ -154,3 +154,48 @@ def test_attack_hw_without_the_layer_search_counts_the_same(tiny_build):
     assert a.first_diff_layers == {} and a.robust_mask == b.robust_mask
     assert a.disagreement_adv == b.disagreement_adv
     assert locate_disagreement(model, sim, x[:0]) == []  # an empty batch (locate=0 used to send one) is no error
+
+
+def test_hsj_per_image_equals_arts_batch_run(tiny_build):
+    """Attacking image by image under the query cap changes nothing while the cap is not reached: the
+    same examples as ART's own HopSkipJump over the whole batch, from the same seed."""
+    from art.attacks.evasion import HopSkipJump
+
+    from hw_dq.fpga.hwattack import _labels_classifier, hw_hsj
+    from hw_dq.robust.attacks import AttackParams
+
+    sim = load_simulator(find_build(tiny_build))
+    x, y = (t.numpy() for t in load_split("sample", "test").take(6, seed=5).tensors())
+    np.random.seed(0)
+    mine, par = hw_hsj(None, sim, x, y, EPS / 255, AttackParams(square_queries=200), 0, 64)
+    np.random.seed(0)
+    ref = HopSkipJump(_labels_classifier(sim, tuple(x.shape[1:])), norm=np.inf, max_iter=2, max_eval=100,
+                      init_eval=20, verbose=False).generate(x)  # fmt: skip
+    assert par["capped"] == 0 and par["max_iter"] == 2
+    np.testing.assert_array_equal(mine, ref)
+
+
+def test_hsj_step_search_that_never_ends_is_capped(tiny_build, monkeypatch):
+    """ART's step-size search can halve its step forever on the accelerator's UINT8-rounded labels
+    (a run held one image for over 50 minutes). Each image stops at its query cap; it keeps the closest
+    misclassified query it made, or its clean image: a stop never invents an example."""
+    from art.attacks.evasion import HopSkipJump
+
+    from hw_dq.fpga.hwattack import hw_hsj
+    from hw_dq.robust.attacks import AttackParams
+
+    def endless(self, x, y, y_p, **kwargs):
+        while True:  # what the step-size search does when the step it halves never succeeds
+            self._adversarial_satisfactory(x[None], y_p, 0.0, 1.0)
+
+    monkeypatch.setattr(HopSkipJump, "_perturb", endless)
+    sim = load_simulator(find_build(tiny_build))
+    x, y = (t.numpy() for t in load_split("sample", "test").take(4, seed=5).tensors())
+    calls = []
+    real = sim.__class__.__call__
+    monkeypatch.setattr(sim.__class__, "__call__", lambda s, a: calls.append(len(a)) or real(s, a))
+    adv, par = hw_hsj(None, sim, x, y, EPS / 255, AttackParams(square_queries=100), 0, 64)
+    assert par["capped"] == 4 and sum(calls) <= 4 * par["query_cap"]
+    labels = hw_labels(sim, adv)
+    for i in range(4):  # either the clean image, or a query the accelerator really misclassifies
+        assert np.array_equal(adv[i], x[i]) or labels[i] != y[i]

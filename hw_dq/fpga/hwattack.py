@@ -92,12 +92,42 @@ def _scores(sim: HwSimulator, nb_classes: int = 10):
     return predict
 
 
-def _labels_classifier(sim: HwSimulator, shape: tuple[int, ...], nb_classes: int = 10):
+class _QueriesSpent(Exception):
+    """An image's query cap was reached inside a decision-based attack (see :func:`hw_hsj`)."""
+
+
+class _CappedLabels:
+    """The accelerator's top-1 label with a per-image query cap, remembering the closest misclassified
+    query (Linf, on the UINT8 grid) of the current image: what the attack found, even if it is stopped."""
+
+    def __init__(self, sim: HwSimulator, cap: int) -> None:
+        self.sim, self.cap = sim, cap
+        self.start(np.zeros(1, np.float32), -1)
+
+    def start(self, x0: np.ndarray, y0: int) -> None:
+        self.x0, self.y0, self.used, self.best, self.best_d = x0, y0, 0, None, np.inf
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.used + len(x) > self.cap:
+            raise _QueriesSpent
+        self.used += len(x)
+        labels = hw_labels(self.sim, x.astype(np.float32))
+        wrong = np.flatnonzero(labels != self.y0)
+        if len(wrong):
+            d = np.abs(uint8_grid(x[wrong]) / 255.0 - self.x0[None]).reshape(len(wrong), -1).max(1)
+            if d.min() < self.best_d:
+                self.best_d, self.best = float(d.min()), x[wrong[d.argmin()]].astype(np.float32)
+        return labels
+
+
+def _labels_classifier(sim: HwSimulator | _CappedLabels, shape: tuple[int, ...], nb_classes: int = 10):
     """ART's decision-based wrapper around the accelerator's top-1 label (for HopSkipJump)."""
     from art.estimators.classification import BlackBoxClassifier
 
+    labels = sim if isinstance(sim, _CappedLabels) else (lambda x: hw_labels(sim, x.astype(np.float32)))
+
     def predict(x: np.ndarray) -> np.ndarray:
-        return np.eye(nb_classes, dtype=np.float32)[hw_labels(sim, x.astype(np.float32))]
+        return np.eye(nb_classes, dtype=np.float32)[labels(x)]
 
     return BlackBoxClassifier(predict, input_shape=shape, nb_classes=nb_classes, clip_values=(0.0, 1.0))
 
@@ -142,13 +172,30 @@ def hw_square(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, 
 
 def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
            seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
-    """HopSkipJump (ART) on the accelerator's top-1 label; its query budget follows ``square_queries``."""
+    """HopSkipJump (ART) on the accelerator's top-1 label; its query budget follows ``square_queries``.
+
+    Each image is attacked on its own with a cap of 3x the nominal queries (``max_iter`` x
+    (``max_eval`` + its searches)): on the accelerator's piecewise-constant, UINT8-rounded labels,
+    ART's step-size search can halve its step without end (seen: one image held a run for over 50
+    minutes, in ``HopSkipJump._attack``'s ``while not success``). A capped image keeps the closest
+    misclassified query the attack had made (or its clean image), so a stop never invents an example."""
     from art.attacks.evasion import HopSkipJump
 
     it = max(1, p.square_queries // 100)
-    atk = HopSkipJump(_labels_classifier(sim, tuple(x.shape[1:])), norm=np.inf, max_iter=it, max_eval=100,
+    cap = 3 * it * (100 + 50)  # the gradient estimate (max_eval) plus binary and step searches, per iteration
+    labels = _CappedLabels(sim, cap)
+    atk = HopSkipJump(_labels_classifier(labels, tuple(x.shape[1:])), norm=np.inf, max_iter=it, max_eval=100,
                       init_eval=20, verbose=False)  # fmt: skip
-    return atk.generate(x), {"max_iter": it, "max_eval": 100, "on": "simulated accelerator labels"}
+    out, capped = x.astype(np.float32).copy(), 0
+    for i in range(len(x)):
+        labels.start(x[i], int(y[i]))
+        try:
+            out[i] = atk.generate(x[i : i + 1])[0]
+        except _QueriesSpent:
+            capped += 1
+            out[i] = labels.best if labels.best is not None else x[i]
+    return out, {"max_iter": it, "max_eval": 100, "query_cap": cap, "capped": capped,
+                 "on": "simulated accelerator labels"}  # fmt: skip
 
 
 def craft(
