@@ -108,8 +108,9 @@ def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> 
         if diff:
             raise SystemExit(f"finetune_screen: {out} was trained with other settings ({', '.join(diff)}); "
                              "move it away or pass another --work")  # fmt: skip
-    else:
-        train(want, out, resume=(out / rd.CHECKPOINT).is_file(), progress=False)
+    else:  # the CLI's run lock: a second worker on the same row gets a one-line error, not a shared run
+        with rd.run_lock(out, "finetune_screen"):
+            train(want, out, resume=(out / rd.CHECKPOINT).is_file(), progress=False)
     rows = rd.read_jsonl(out / rd.METRICS)
     return {"epochs": len(rows), "train_s": sum(r.get("time_s", 0.0) for r in rows),
             "holdout_pgd10": [r.get("holdout_pgd_acc") for r in rows]}  # fmt: skip

@@ -62,6 +62,18 @@ def test_finetune_screen_never_reuses_a_run_trained_otherwise(tmp_path: Path) ->
         finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
 
 
+def test_finetune_screen_worker_on_a_row_in_training_is_refused(tmp_path: Path) -> None:
+    """Two screen workers on one row: the second gets the run lock's one-line error instead of training
+    into the same run directory (four workers once did, each appending its own epochs to the log)."""
+    from hw_dq import run as rd
+    from hw_dq.errors import HwDqError
+
+    label, cfg = finetune_screen.VARIANTS["ptq-w4a4"]
+    with rd.run_lock(tmp_path / "w" / "ptq-w4a4", "another worker"):
+        with pytest.raises(HwDqError, match="in use by .*another worker"):
+            finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
+
+
 def test_hw_transfer_measures_only_quantized_models_not_measured_before(tmp_path: Path, monkeypatch) -> None:
     """--hw-transfer redoes nothing: a model already in the results keeps its figures, a float model and a
     model without saved AutoAttack examples are skipped, and only the new quantized model is transferred."""
