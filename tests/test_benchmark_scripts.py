@@ -69,9 +69,9 @@ def test_finetune_screen_worker_on_a_row_in_training_is_refused(tmp_path: Path) 
     from hw_dq.errors import HwDqError
 
     label, cfg = finetune_screen.VARIANTS["ptq-w4a4"]
-    with rd.run_lock(tmp_path / "w" / "ptq-w4a4", "another worker"):
-        with pytest.raises(HwDqError, match="in use by .*another worker"):
-            finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
+    lock = rd.run_lock(tmp_path / "w" / "ptq-w4a4", "another worker")
+    with lock, pytest.raises(HwDqError, match="in use by .*another worker"):
+        finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
 
 
 def test_hw_transfer_measures_only_quantized_models_not_measured_before(tmp_path: Path, monkeypatch) -> None:
