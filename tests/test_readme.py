@@ -316,3 +316,18 @@ def test_bit_width_screen_rows_match_their_results() -> None:
     w2a4, w4a2, w2a2 = (v[k]["apgd"] for k in ("lr005-w2a4e8", "lr005-w4a2e8", "lr005-w2a2e8"))
     _says(f"activations keep {_pct(w2a4)}", f"activations keep {_pct(w4a2)}", f"against w2a2's {_pct(w2a2)}")
     assert w2a2 < w4a2 < w2a4
+
+
+def test_accelerator_query_attack_figures_match_the_hw_step() -> None:
+    """The accelerator's worst case with the query attacks: the README's figures are the hw step's, the
+    step ran the query attacks on what the transfer left (never above the transfer's figure), and it is
+    within two standard errors of the PyTorch model on the same images, as the README says."""
+    h = _load("robust_cpu.json")["hw"]["cpu-vq-w4a4-rslad-at@8"]
+    _says(f"keeps {_pct(h['worst_case_hw'])} against its PyTorch model's {_pct(h['worst_case_sw'])} on the same "
+          f"{h['n']} images (two standard errors: {100 * h['two_se']:.1f} points)")  # fmt: skip
+    st = h["steps"]
+    assert st["square"]["attacked"] == st["hsj"]["attacked"] == round(st["transfer-autoattack"]["alive_after"] * h["n"])
+    assert h["worst_case_hw"] <= st["transfer-autoattack"]["alive_after"] and h["within_two_se"]
+    assert abs(h["worst_case_hw"] - h["worst_case_sw"]) <= h["two_se"]
+    _says(f"none of the {st['square']['attacked']} images the transfer left standing")
+    assert st["hsj"]["alive_after"] == st["square"]["alive_after"] == st["transfer-autoattack"]["alive_after"]
