@@ -169,8 +169,8 @@ def test_hsj_per_image_equals_arts_batch_run(tiny_build):
     np.random.seed(0)
     mine, par = hw_hsj(None, sim, x, y, EPS / 255, AttackParams(square_queries=200), 0, 64)
     np.random.seed(0)
-    ref = HopSkipJump(_labels_classifier(sim, tuple(x.shape[1:])), norm=np.inf, max_iter=2, max_eval=100,
-                      init_eval=20, verbose=False).generate(x)  # fmt: skip
+    clf = _labels_classifier(lambda a: hw_labels(sim, a), tuple(x.shape[1:]))
+    ref = HopSkipJump(clf, norm=np.inf, max_iter=2, max_eval=100, init_eval=20, verbose=False).generate(x)
     assert par["capped"] == 0 and par["max_iter"] == 2
     np.testing.assert_array_equal(mine, ref)
 

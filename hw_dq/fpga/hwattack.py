@@ -22,6 +22,7 @@ folders, bare builds, the UINT8 grid, software/hardware agreement) lives in
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,7 @@ class _CappedLabels:
     query (Linf, on the UINT8 grid) of the current image: what the attack found, even if it is stopped."""
 
     def __init__(self, sim: HwSimulator, cap: int) -> None:
-        self.sim, self.cap = sim, cap
-        self.start(np.zeros(1, np.float32), -1)
+        self.sim, self.cap = sim, cap  # start() sets the image before each attack
 
     def start(self, x0: np.ndarray, y0: int) -> None:
         self.x0, self.y0, self.used, self.best, self.best_d = x0, y0, 0, None, np.inf
@@ -120,11 +120,9 @@ class _CappedLabels:
         return labels
 
 
-def _labels_classifier(sim: HwSimulator | _CappedLabels, shape: tuple[int, ...], nb_classes: int = 10):
-    """ART's decision-based wrapper around the accelerator's top-1 label (for HopSkipJump)."""
+def _labels_classifier(labels: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], nb_classes: int = 10):
+    """ART's decision-based wrapper around a top-1 label function (for HopSkipJump: :class:`_CappedLabels`)."""
     from art.estimators.classification import BlackBoxClassifier
-
-    labels = sim if isinstance(sim, _CappedLabels) else (lambda x: hw_labels(sim, x.astype(np.float32)))
 
     def predict(x: np.ndarray) -> np.ndarray:
         return np.eye(nb_classes, dtype=np.float32)[labels(x)]
@@ -186,7 +184,7 @@ def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps
     labels = _CappedLabels(sim, cap)
     atk = HopSkipJump(_labels_classifier(labels, tuple(x.shape[1:])), norm=np.inf, max_iter=it, max_eval=100,
                       init_eval=20, verbose=False)  # fmt: skip
-    out, capped = x.astype(np.float32).copy(), 0
+    out, capped = x.astype(np.float32), 0  # astype copies
     for i in range(len(x)):
         labels.start(x[i], int(y[i]))
         try:
