@@ -3,7 +3,10 @@ the length, learning rate and training attack of the fine-tune, and distillation
 (RSLAD), at CPU scale.
 
 Every variant starts from the same robust FP twin (``robust_gpu --arm cpu``'s ``cpu-fp-at``: half-width
-CNV, N-FGSM, 30 epochs on 10,000 CIFAR-10 images) and differs only in the fine-tune. A screen, not the
+CNV, N-FGSM, 30 epochs on 10,000 CIFAR-10 images) and differs only in the fine-tune, except the width rows:
+a 3/4-width FP twin trained here with the same recipe and a w2a2 fine-tuned from it (does 2-bit robustness
+need width, as 2-bit accuracy does in WRPN, Mishra et al. 2018?), and a w2a2 trained from scratch with the
+FP twin's recipe. A screen, not the
 standard: the reference AutoAttack's two gradient components (APGD-CE, then APGD-T with 9 targets,
 100 iterations each, the standard budgets) on 500 of the 1,000 evaluation images (every second one:
 ``take`` sorts by class, so a prefix would hold half the classes). The chosen recipe then gets the full
@@ -14,7 +17,9 @@ the committed fine-tunes are scored on the same 500 images from their saved Auto
         --work runs/scr [--only NAME,...]
 
 Resumable: a variant whose run directory holds a finished model with the same configuration is not
-retrained, and a finished screen is not rerun. Writes benchmarks/results/finetune_screen.{json,md}.
+retrained, and a finished screen is not rerun; with ``--only``, the other variants' rows are carried over
+from the committed results where their settings are unchanged. Writes
+benchmarks/results/finetune_screen.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,8 +38,14 @@ CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "b
       "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
 PGD3 = {"adv_train": "pgd", "adv_steps": 3}
 APGD5 = {"adv_train": "apgd", "adv_steps": 5}
-RSLAD3 = {"adv_train": "rslad", "adv_steps": 3, "teacher": "FP_TWIN"}  # the teacher: --fp's cpu-fp-at
-# name -> (label, fine-tune settings); each starts from the FP twin
+TWIN = "cpu-fp-at"  # --fp's FP twin: the default start, and RSLAD's teacher
+RSLAD3 = {"adv_train": "rslad", "adv_steps": 3, "teacher": TWIN}
+# the FP twin's own recipe (robust_gpu's cpu-fp-at), for the rows trained from scratch
+FP_RECIPE = {"adv_train": "nfgsm", "epochs": 30, "lr": 0.05, "grad_clip": 0.0}
+W2A2E8 = {"wbits": 2, "abits": 2, "end_bits": 8}
+W075 = {"width": 0.75, "test_subset": 1000}  # per-epoch test accuracy on 1,000 images: the epoch is the cost
+# name -> (label, settings). A run starts from init_from: --fp's FP twin when absent, another variant's run
+# when it names one, random weights when None; a teacher is named the same way
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ptq-w4a4": ("w4a4, PGD-3, 2 epochs at lr 0.0005", {"wbits": 4, "abits": 4, **SHORT}),  # robust_cpu
     "calib-w4a4": ("w4a4, PGD-3, 1 epoch at lr 1e-6 (ranges and BatchNorm calibrated, weights as the twin's)",
@@ -64,6 +75,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                      {"wbits": 2, "abits": 4, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
     "lr005-w4a2e8": ("w4a2 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
                      {"wbits": 4, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+    "lr005-w2a3e8": ("w2a3 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
+                     {"wbits": 2, "abits": 3, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+    # width: the same recipes on a 3/4-width CNV (2.25x the weights; full width costs 5x per epoch on the CPU)
+    "fp-w075": ("FP twin at 3/4 width (N-FGSM, 30 epochs; no fine-tune)",
+                {**W075, "wbits": "float", "abits": "float", **FP_RECIPE, "init_from": None}),
+    "lr005-w2a2e8-w075": ("w2a2 + 8-bit ends at 3/4 width, from the 3/4-width FP twin, PGD-3, 6 epochs at lr 0.005",
+                          {**W075, **W2A2E8, **PGD3, "epochs": 6, "lr": 0.005, "init_from": "fp-w075"}),
+    "scratch-w2a2e8": ("w2a2 + 8-bit ends from scratch, the FP twin's recipe (N-FGSM, 30 epochs; no fine-tune)",
+                       {**W2A2E8, **FP_RECIPE, "init_from": None}),
 }  # fmt: skip
 # committed models of robust_gpu's cpu arm, scored from their saved AutoAttack examples
 REFERENCES = {
@@ -96,15 +116,16 @@ def _train(name: str, cfg: dict[str, Any], work: Path, fp: Path, data: Path) -> 
     from hw_dq.train.config import TrainConfig
     from hw_dq.train.loop import train
 
-    twin = str(fp / "cpu-fp-at")
-    teacher = {"teacher": twin} if cfg.get("teacher") == "FP_TWIN" else {}
-    want = TrainConfig(**{**CS, **cfg, **teacher, "data_dir": str(data), "init_from": twin})
+    def run_of(v: str | None) -> str | None:  # a variant's run, or --fp's FP twin
+        return None if v is None else str(fp / TWIN if v == TWIN else work / v)
+
+    paths = {k: run_of(cfg.get(k, TWIN if k == "init_from" else None)) for k in ("init_from", "teacher")}
+    want = TrainConfig(**{**CS, **cfg, **paths, "data_dir": str(data)})
     out = work / name
     if (out / rd.MODEL).is_file():
         have = rd.read_json(out / rd.CONFIG)["train"]
         default = vars(TrainConfig())  # a field added since the run was made has its default there
-        paths = ("data_dir", "init_from", "teacher")
-        diff = [k for k, v in vars(want).items() if k not in paths and have.get(k, default[k]) != v]
+        diff = [k for k, v in vars(want).items() if k not in (*paths, "data_dir") and have.get(k, default[k]) != v]
         if diff:
             raise SystemExit(f"finetune_screen: {out} was trained with other settings ({', '.join(diff)}); "
                              "move it away or pass another --work")  # fmt: skip
@@ -144,6 +165,19 @@ def _reference(run: Path, x: Any, y: Any) -> dict[str, Any]:
     return {"clean": float(clean.float().mean()), "autoattack": float((clean & _correct(model, adv, y)).float().mean())}
 
 
+def _carried(names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The committed references, and the committed rows of the variants not rerun whose label and settings
+    are still VARIANTS'."""
+    from benchmarks.common import RESULTS
+
+    path = RESULTS / "finetune_screen.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    refs = {k: r for k, r in old.get("references", {}).items() if r.get("label") == REFERENCES.get(k)}
+    rows = {k: r for k, r in old.get("variants", {}).items()
+            if k in names and [r.get("label"), r.get("config")] == list(VARIANTS[k])}  # fmt: skip
+    return refs, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path, help="folder with the CIFAR-10 .npz files")
@@ -163,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     x, y = _images(a.data)
-    refs = {k: {"label": v, **_reference(a.fp / k, x, y)} for k, v in REFERENCES.items() if (a.fp / k).is_dir()}
-    rows: dict[str, Any] = {}
+    refs, rows = _carried(set(VARIANTS) - set(only))
+    examples = f"autoattack_x_adv_eps{EPS:g}.safetensors"  # refs carried over where the examples are not here
+    here = [k for k in REFERENCES if (a.fp / k / examples).is_file()]
+    refs |= {k: {"label": REFERENCES[k], **_reference(a.fp / k, x, y)} for k in here}
     for name in only:
         label, cfg = VARIANTS[name]
         rows[name] = {"label": label, "config": cfg, **_train(name, cfg, a.work, a.fp, a.data),
                       **_screen(a.work / name, x, y)}  # fmt: skip
         print(f"{name}: clean {rows[name]['clean']:.3f} APGD-CE+APGD-T {rows[name]['apgd']:.3f}", flush=True)
+    rows = {k: rows[k] for k in VARIANTS if k in rows}  # the table in VARIANTS' order
     fp = refs.get("cpu-fp-at", {}).get("autoattack")
     table = [[f"{r['label']} (committed; AutoAttack standard)", f"{100 * r['clean']:.1f}%",
                f"{100 * r['autoattack']:.1f}%", "-"] for r in refs.values()]  # fmt: skip

@@ -74,6 +74,48 @@ def test_finetune_screen_worker_on_a_row_in_training_is_refused(tmp_path: Path) 
         finetune_screen._train("ptq-w4a4", cfg, tmp_path / "w", tmp_path, tmp_path)
 
 
+def test_finetune_screen_starts_each_row_from_its_named_run(tmp_path: Path, monkeypatch) -> None:
+    """init_from and teacher name runs: absent means --fp's FP twin, a variant's name its run under --work,
+    None random weights. A row trained from scratch must not silently start from the twin."""
+    from hw_dq import run as rd
+    from hw_dq.train import loop
+
+    seen = {}
+
+    def fake(cfg, out: Path, resume: bool, progress: bool) -> None:
+        seen[out.name] = (cfg.init_from, cfg.teacher, cfg.width)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / rd.METRICS).write_text(json.dumps({"epoch": 0, "time_s": 1.0, "holdout_pgd_acc": 0.3}) + "\n")
+
+    monkeypatch.setattr(loop, "train", fake)
+    fp, work = tmp_path / "fp", tmp_path / "w"
+    for name in ("rslad3-w4a4", "fp-w075", "lr005-w2a2e8-w075", "scratch-w2a2e8"):
+        row = finetune_screen._train(name, finetune_screen.VARIANTS[name][1], work, fp, tmp_path)
+        assert row == {"epochs": 1, "train_s": 1.0, "holdout_pgd10": [0.3]}
+    twin = str(fp / "cpu-fp-at")
+    wide = str(work / "fp-w075")
+    assert seen == {"rslad3-w4a4": (twin, twin, 0.5), "fp-w075": (None, None, 0.75),
+                    "lr005-w2a2e8-w075": (wide, None, 0.75), "scratch-w2a2e8": (None, None, 0.5)}  # fmt: skip
+
+
+def test_finetune_screen_carries_over_only_unchanged_committed_rows(tmp_path: Path, monkeypatch) -> None:
+    """--only reruns some rows; the others come from the committed results, but a row whose settings or
+    label changed since is dropped rather than shown under the new label."""
+    import benchmarks.common
+
+    v = finetune_screen.VARIANTS
+    committed = {"references": {"cpu-fp-at": {"label": finetune_screen.REFERENCES["cpu-fp-at"], "autoattack": 0.25},
+                                "gone": {"label": "a reference no longer screened"}},
+                 "variants": {"ptq-w4a4": {"label": v["ptq-w4a4"][0], "config": v["ptq-w4a4"][1], "apgd": 0.2},
+                              "lr002-w4a4": {"label": v["lr002-w4a4"][0], "config": {**v["lr002-w4a4"][1], "lr": 1.0}},
+                              "pgd10-w4a4": {"label": "an older label", "config": v["pgd10-w4a4"][1]}}}  # fmt: skip
+    (tmp_path / "finetune_screen.json").write_text(json.dumps(committed))
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path)
+    refs, rows = finetune_screen._carried({"ptq-w4a4", "lr002-w4a4", "pgd10-w4a4", "calib-w4a4"})
+    assert list(refs) == ["cpu-fp-at"] and list(rows) == ["ptq-w4a4"] and rows["ptq-w4a4"]["apgd"] == 0.2
+    assert finetune_screen._carried(set())[1] == {}  # a row being rerun is never carried
+
+
 def test_hw_transfer_measures_only_quantized_models_not_measured_before(tmp_path: Path, monkeypatch) -> None:
     """--hw-transfer redoes nothing: a model already in the results keeps its figures, a float model and a
     model without saved AutoAttack examples are skipped, and only the new quantized model is transferred."""
