@@ -77,11 +77,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                      {"wbits": 4, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
     "lr005-w2a3e8": ("w2a3 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
                      {"wbits": 2, "abits": 3, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
-    # width: the same recipes on a 3/4-width CNV (2.25x the weights; full width costs 5x per epoch on the CPU)
+    # width: the same recipes on a 3/4-width CNV (2.25x the weights; a full-width FP epoch took 158 s on one core)
     "fp-w075": ("FP twin at 3/4 width (N-FGSM, 30 epochs; no fine-tune)",
                 {**W075, "wbits": "float", "abits": "float", **FP_RECIPE, "init_from": None}),
     "lr005-w2a2e8-w075": ("w2a2 + 8-bit ends at 3/4 width, from the 3/4-width FP twin, PGD-3, 6 epochs at lr 0.005",
                           {**W075, **W2A2E8, **PGD3, "epochs": 6, "lr": 0.005, "init_from": "fp-w075"}),
+    "ptq-w4a4-w075": ("w4a4 at 3/4 width, from the 3/4-width FP twin, PGD-3, 2 epochs at lr 0.0005",
+                      {**W075, "wbits": 4, "abits": 4, **SHORT, "init_from": "fp-w075"}),
     "scratch-w2a2e8": ("w2a2 + 8-bit ends from scratch, the FP twin's recipe (N-FGSM, 30 epochs; no fine-tune)",
                        {**W2A2E8, **FP_RECIPE, "init_from": None}),
 }  # fmt: skip
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         f"benchmarks.finetune_screen --data DATA --fp runs/robust-cpu --work runs/scr`. {machine_line(m)}.\n\n"
         f"A screen: AutoAttack's APGD-CE + APGD-T (standard budgets) at 8/255 on {N} of the 1,000 evaluation "
         f"images (every second), seed 0; committed models from their saved AutoAttack-standard examples on the "
-        f"same images. Two standard errors at the FP twin's accuracy: "
+        f"same images. Rows not rerun by the last command are carried over from the committed results (their "
+        f"training times are in the JSON). Two standard errors at the FP twin's accuracy: "
         f"{100 * tolerance(fp, N, 0.0) if fp is not None else float('nan'):.1f} points.\n\n"
         + md_table(["fine-tune from the FP twin", "clean", "robust 8/255", "held-out PGD-10 per epoch"], table)
     )

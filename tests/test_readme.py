@@ -337,3 +337,26 @@ def test_accelerator_query_attack_figures_match_the_hw_step() -> None:
                 str(st["square"]["attacked"]), *map(str, broke)]  # fmt: skip
         assert rows[label][1:] == want, (label, rows[label], want)
         assert h["within_two_se"] and abs(h["worst_case_hw"] - h["worst_case_sw"]) <= h["two_se"]
+
+
+def test_width_start_and_a3_screen_rows_match_their_results() -> None:
+    """ "The 2-bit activation itself is the limit": the README's figures are the screen's, 3-bit activations
+    lie between 2 and 4, and neither 3/4 width nor training from scratch moves w2a2 (or the FP twin) by
+    more than two standard errors, while every w2a2 stays more than ten points below the twin."""
+    from hw_dq.robust.sanity import tolerance
+
+    s = _load("finetune_screen.json")
+    v, n = s["variants"], s["n"]
+    a = {k: v[k]["apgd"] for k in v}
+    twin = s["references"]["cpu-fp-at"]["autoattack"]
+    _says(
+        f"(w2a3, the same recipe) keep {_pct(a['lr005-w2a3e8'])}, most of the way to w2a4's {_pct(a['lr005-w2a4e8'])}"
+    )
+    _says(f"at 3/4 width the FP twin keeps {_pct(a['fp-w075'])} and the w2a2 fine-tune {_pct(a['lr005-w2a2e8-w075'])}")
+    _says(f"(w4a4's short fine-tune: {_pct(a['ptq-w4a4-w075'])}, against {_pct(a['ptq-w4a4'])} at half width)")
+    _says(f"keeps {_pct(a['scratch-w2a2e8'])}, at {_pct(v['scratch-w2a2e8']['clean'])} clean")
+    assert a["lr005-w2a2e8"] < a["lr005-w2a3e8"] < a["lr005-w2a4e8"]
+    for moved, base in [("lr005-w2a2e8-w075", a["lr005-w2a2e8"]), ("scratch-w2a2e8", a["lr005-w2a2e8"]),
+                        ("fp-w075", twin), ("ptq-w4a4-w075", a["ptq-w4a4"])]:  # fmt: skip
+        assert abs(a[moved] - base) <= tolerance(base, n, 0.0), moved
+    assert max(a[k] for k in a if "w2a2" in k) < twin - 0.1
