@@ -78,7 +78,9 @@ def test_pgd_damages_at_least_as_much_as_fgsm(trained):
     acc_pgd = _acc(model, engine.pgd(model, x, y, eps, steps=10, generator=torch.Generator().manual_seed(0)), y)
     assert clean > 0.3  # the model learned something, so the comparison means something
     assert acc_fgsm < clean
-    assert acc_pgd <= acc_fgsm
+    # per image PGD need not beat FGSM (its random start can miss a point FGSM's one step hits): one image
+    # in 200 went the other way on another CPU's model; a broken PGD would sit near clean accuracy
+    assert acc_pgd <= acc_fgsm + 0.01
 
 
 def test_restarts_keep_per_example_best(trained):

@@ -123,7 +123,7 @@ def test_rslad_crafts_against_the_teacher_and_pulls_the_student_towards_it(tmp_p
     torch.manual_seed(0)
     pupil = create_model("tiny", 2, 2)
     pupil.train()
-    opt = torch.optim.SGD(pupil.parameters(), lr=0.05)
+    opt = torch.optim.Adam(pupil.parameters(), lr=0.001)  # SGD at 0.01-0.05 oscillates on a 2-bit student
     gen = torch.Generator().manual_seed(0)
 
     def gap() -> float:
@@ -136,7 +136,7 @@ def test_rslad_crafts_against_the_teacher_and_pulls_the_student_towards_it(tmp_p
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert gap() < 0.5 * before, (before, gap())  # measured: 0.34 -> 0.10
+    assert gap() < 0.25 * before, (before, gap())  # measured: 0.40 -> 0.03, 0.47 -> 0.02 (two machines' teachers)
 
 
 def test_rslad_run_passes_its_frozen_teacher_to_every_step(tmp_path, monkeypatch):
