@@ -22,6 +22,7 @@ folders, bare builds, the UINT8 grid, software/hardware agreement) lives in
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,6 +169,18 @@ def hw_square(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, 
                          "on": "simulated accelerator logits"}  # fmt: skip
 
 
+def _seeded_start(labels: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y_p: int, rng: np.random.RandomState,
+                  tries: int = 100) -> np.ndarray | None:  # fmt: skip
+    """A uniform random image the accelerator labels other than ``y_p``, drawn from ``rng`` (ART's own
+    start comes from an unseeded ``np.random.RandomState()``, so a run could not be repeated); None if
+    ``tries`` draws fail, as ART gives up."""
+    for _ in range(tries):
+        img = rng.uniform(0.0, 1.0, size=x.shape).astype(np.float32)
+        if labels(img[None])[0] != y_p:
+            return img
+    return None
+
+
 def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps: float, p: Any,
            seed: int, batch_size: int, progress: Any = None) -> tuple[np.ndarray, dict]:  # fmt: skip
     """HopSkipJump (ART) on the accelerator's top-1 label; its query budget follows ``square_queries``.
@@ -176,7 +189,11 @@ def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps
     (``max_eval`` + its searches)): on the accelerator's piecewise-constant, UINT8-rounded labels,
     ART's step-size search can halve its step without end (seen: one image held a run for over 50
     minutes, in ``HopSkipJump._attack``'s ``while not success``). A capped image keeps the closest
-    misclassified query the attack had made (or its clean image), so a stop never invents an example."""
+    misclassified query the attack had made (or its clean image), so a stop never invents an example.
+
+    Repeatable from ``seed``: an image's starting point and its gradient estimate's noise (ART draws it
+    from the global ``np.random``, seeded here per image and restored afterwards) depend on the seed and
+    the image's pixels only, so a batch gives each image what a run on that image alone gives it."""
     from art.attacks.evasion import HopSkipJump
 
     it = max(1, p.square_queries // 100)
@@ -184,15 +201,27 @@ def hw_hsj(model: nn.Module, sim: HwSimulator, x: np.ndarray, y: np.ndarray, eps
     labels = _CappedLabels(sim, cap)
     atk = HopSkipJump(_labels_classifier(labels, tuple(x.shape[1:])), norm=np.inf, max_iter=it, max_eval=100,
                       init_eval=20, verbose=False)  # fmt: skip
-    out, capped = x.astype(np.float32), 0  # astype copies
-    for i in range(len(x)):
-        labels.start(x[i], int(y[i]))
-        try:
-            out[i] = atk.generate(x[i : i + 1])[0]
-        except _QueriesSpent:
-            capped += 1
-            out[i] = labels.best if labels.best is not None else x[i]
-    return out, {"max_iter": it, "max_eval": 100, "query_cap": cap, "capped": capped,
+    out, capped, no_start = x.astype(np.float32), 0, 0  # astype copies
+    state = np.random.get_state()
+    try:
+        for i in range(len(x)):
+            labels.start(x[i], int(y[i]))
+            key = [seed, zlib.crc32(np.ascontiguousarray(x[i], dtype=np.float32).tobytes())]
+            np.random.seed(key)
+            try:
+                y_p = int(labels(x[i : i + 1].astype(np.float32))[0])
+                start = _seeded_start(labels, x[i], y_p, np.random.RandomState([*key, 1]))
+                if start is None:  # no random image changes the label: the attack fails, as ART's would
+                    no_start += 1
+                    continue
+                out[i] = atk.generate(x[i : i + 1], x_adv_init=start[None])[0]
+            except _QueriesSpent:
+                capped += 1
+                out[i] = labels.best if labels.best is not None else x[i]
+    finally:
+        np.random.set_state(state)
+    return out, {"max_iter": it, "max_eval": 100, "query_cap": cap, "capped": capped, "no_start": no_start,
+                 "seed": seed, "start": "seeded uniform image the accelerator labels otherwise (per image)",
                  "on": "simulated accelerator labels"}  # fmt: skip
 
 
