@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, machine_line, md_table, write_results
-from benchmarks.robust_gpu import SHORT
+from benchmarks.robust_gpu import SHORT, plan_cpu
 
 CS = {"model": "cnv", "width": 0.5, "data": "cifar10", "train_subset": 10000, "batch_size": 128, "seed": 0,
       "robust_eval_n": 500, "adv_eps": 8.0, "grad_clip": 5.0}  # fmt: skip
@@ -40,8 +40,18 @@ PGD3 = {"adv_train": "pgd", "adv_steps": 3}
 APGD5 = {"adv_train": "apgd", "adv_steps": 5}
 TWIN = "cpu-fp-at"  # --fp's FP twin: the default start, and RSLAD's teacher
 RSLAD3 = {"adv_train": "rslad", "adv_steps": 3, "teacher": TWIN}
-# the FP twin's own recipe (robust_gpu's cpu-fp-at), for the rows trained from scratch
-FP_RECIPE = {"adv_train": "nfgsm", "epochs": 30, "lr": 0.05, "grad_clip": 0.0}
+
+
+def _twin_recipe() -> dict[str, Any]:
+    """The FP twin's own recipe, read from robust_gpu's plan (its cpu-fp-at step), for the rows trained
+    from scratch; the screen's other settings (CS) are the twin's too."""
+    from hw_dq.train.config import TrainConfig
+
+    step = next(s for s in plan_cpu() if s.kind == "train" and s.run == TWIN)
+    return {k: step.cfg.get(k, getattr(TrainConfig(), k)) for k in ("adv_train", "epochs", "lr", "grad_clip")}
+
+
+FP_RECIPE = _twin_recipe()
 W2A2E8 = {"wbits": 2, "abits": 2, "end_bits": 8}
 W075 = {"width": 0.75, "test_subset": 1000}  # per-epoch test accuracy on 1,000 images: the epoch is the cost
 # name -> (label, settings). A run starts from init_from: --fp's FP twin when absent, another variant's run
@@ -77,6 +87,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                      {"wbits": 4, "abits": 2, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
     "lr005-w2a3e8": ("w2a3 + 8-bit ends, PGD-3, 6 epochs at lr 0.005",
                      {"wbits": 2, "abits": 3, "end_bits": 8, **PGD3, "epochs": 6, "lr": 0.005}),
+    # TRADES: the KL between the clean and the attacked output, a smoothness term rather than a worst-case loss
+    "trades3-lr005-w2a2e8": ("w2a2 + 8-bit ends, TRADES-3 (beta 6), 6 epochs at lr 0.005",
+                             {**W2A2E8, "adv_train": "trades", "adv_steps": 3, "epochs": 6, "lr": 0.005}),
     # width: the same recipes on a 3/4-width CNV (2.25x the weights; a full-width FP epoch took 158 s on one core)
     "fp-w075": ("FP twin at 3/4 width (N-FGSM, 30 epochs; no fine-tune)",
                 {**W075, "wbits": "float", "abits": "float", **FP_RECIPE, "init_from": None}),

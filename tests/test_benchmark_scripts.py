@@ -98,6 +98,28 @@ def test_finetune_screen_starts_each_row_from_its_named_run(tmp_path: Path, monk
                     "lr005-w2a2e8-w075": (wide, None, 0.75), "scratch-w2a2e8": (None, None, 0.5)}  # fmt: skip
 
 
+def test_finetune_screen_scratch_rows_train_with_the_fp_twins_recipe(tmp_path: Path, monkeypatch) -> None:
+    """A row 'from scratch with the FP twin's recipe' differs from robust_gpu's cpu-fp-at step in its bit
+    widths (and, for the width rows, its width and test subset) only: the recipe is read from that plan."""
+    from hw_dq import run as rd
+    from hw_dq.train import loop
+    from hw_dq.train.config import TrainConfig
+
+    seen = {}
+
+    def fake(cfg, out: Path, resume: bool, progress: bool) -> None:
+        seen[out.name] = vars(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / rd.METRICS).write_text(json.dumps({"epoch": 0, "time_s": 1.0}) + "\n")
+
+    monkeypatch.setattr(loop, "train", fake)
+    twin = vars(TrainConfig(**next(s for s in robust_gpu.plan_cpu() if s.run == "cpu-fp-at" and s.kind == "train").cfg))
+    own = {"scratch-w2a2e8": {"wbits", "abits", "end_bits"}, "fp-w075": {"width", "test_subset"}}
+    for name, allowed in own.items():
+        finetune_screen._train(name, finetune_screen.VARIANTS[name][1], tmp_path / "w", tmp_path / "fp", tmp_path)
+        assert {k for k, v in seen[name].items() if twin[k] != v} - {"data_dir"} == allowed
+
+
 def test_finetune_screen_carries_over_only_unchanged_committed_rows(tmp_path: Path, monkeypatch) -> None:
     """--only reruns some rows; the others come from the committed results, but a row whose settings or
     label changed since is dropped rather than shown under the new label."""
