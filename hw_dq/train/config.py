@@ -85,6 +85,9 @@ class TrainConfig:
     adv_steps: int = _f(7, "attack steps (pgd, apgd, trades, rslad)", "adversarial training")
     adv_alpha: float | None = _f(None, "attack step size in 1/255 (default: the recipe's own)", "adversarial training")
     trades_beta: float = _f(6.0, "TRADES robustness weight", "adversarial training")
+    act_margin: float = _f(0.0, "weight of the threshold-margin penalty: quantized activations' inputs kept "
+                           "away from their rounding thresholds (hw_dq.train.margin; 0 = off)",
+                           "adversarial training")  # fmt: skip
     ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")
     ibp_reg: float = _f(
         0.0,
@@ -134,10 +137,12 @@ class TrainConfig:
                 self.ibp_reg,
                 self.ibp_warmup,
                 self.ibp_ramp,
+                self.act_margin,
             )
         )
         checks = [
-            (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay) is not finite"),
+            (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay, act_margin) is "
+             "not finite"),
             (isinstance(self.model, str) and (self.model in MODELS or is_custom(self.model)),
              f"unknown model {self.model!r} (--model); choose one of {', '.join(MODELS)} or package.module:ClassName"),
             (self.model_args is None or isinstance(self.model_args, dict),
@@ -158,6 +163,9 @@ class TrainConfig:
             (self.adv_steps >= 1, f"invalid --adv-steps {self.adv_steps}: must be >= 1"),
             (self.adv_alpha is None or self.adv_alpha > 0, f"invalid --adv-alpha {self.adv_alpha}: must be > 0"),
             (self.trades_beta >= 0, f"invalid --trades-beta {self.trades_beta}: must be >= 0"),
+            (self.act_margin >= 0, f"invalid --act-margin {self.act_margin}: must be >= 0 (0 = off)"),
+            (not self.act_margin or self.abits is not None,
+             "--act-margin keeps quantized activations off their thresholds: it needs --abits"),
             (0 <= self.ibp_kappa <= 1, f"invalid --ibp-kappa {self.ibp_kappa}: must lie in [0, 1]"),
             (self.ibp_reg >= 0, f"invalid --ibp-reg {self.ibp_reg}: must be >= 0"),
             (self.ibp_schedule in ibp.SCHEDULES,

@@ -31,6 +31,7 @@ from hw_dq.nn.ibp import certified_fraction, ibp_init_, project_rows_
 from hw_dq.nn.models import model_from_config
 from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
 from hw_dq.train import adversarial as adv
+from hw_dq.train import margin
 from hw_dq.train.config import ADV_TRAIN, SCHEDULES, TrainConfig, stored_config
 
 __all__ = ["ADV_TRAIN", "SCHEDULES", "TrainConfig", "evaluate", "fit", "lr_at", "train"]
@@ -366,17 +367,21 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             xb, yb = xb.to(device), yb.to(device)
-            ce, logits = adv.adversarial_loss(
-                net,
-                xb,
-                yb,
-                recipe,
-                seeded_generator(cfg.seed, epoch, step, 31),
-                epoch * steps + step,
-                cfg.epochs * steps,
-                teacher,
-            )
+            with margin.recording(model, cfg.act_margin > 0) as terms:
+                ce, logits = adv.adversarial_loss(
+                    net,
+                    xb,
+                    yb,
+                    recipe,
+                    seeded_generator(cfg.seed, epoch, step, 31),
+                    epoch * steps + step,
+                    cfg.epochs * steps,
+                    teacher,
+                )
             reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
+            pen = margin.margin_loss(terms, cfg.act_margin)
+            if pen is not None:  # the threshold margin counts into "reg" (the metrics' regulariser column)
+                reg = reg + pen
             loss = ce + reg
             if not torch.isfinite(loss.detach()):
                 raise ConfigError(
