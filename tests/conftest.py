@@ -1,4 +1,4 @@
-"""Shared test helpers: the CLI as a user runs it, the one-line error check, tiny runs, the v1 fixture."""
+"""Shared test helpers: the CLI as a user runs it (or in process), the one-line error check, tiny runs, fixtures."""
 
 from __future__ import annotations
 
@@ -30,6 +30,26 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         [sys.executable, "-m", "hw_dq.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env,
     )  # fmt: skip
+
+
+def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's ``main`` in this process, for the long tables of bad-input cases: its one-line errors and
+    exit code 2 come from ``main`` itself (argparse's errors and HwDqError), so stderr and the code are what
+    the process would give, without the ~8 s interpreter and import start of :func:`run_cli` per case.
+    Each command keeps :func:`run_cli` tests for the real process. An unexpected exception propagates
+    (a traceback a user would see fails the test either way)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from hw_dq.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["hw-dq", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -68,3 +68,53 @@ def test_training_with_the_margin_moves_inputs_off_the_thresholds(tmp_path) -> N
     (near_off, alive_off), (near_on, alive_on) = (_near_and_alive(tmp_path / r, x) for r in ("off", "on"))
     assert near_on < 0.6 * near_off, (near_on, near_off)  # measured: 0.035 against 0.083
     assert alive_on > 0.7 * alive_off, (alive_on, alive_off)  # measured: 0.31 against 0.31
+
+
+def _levels_and_distances(model, x, tau: float, gen) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each quantized ReLU's output and its clean input's distance to a threshold, in steps."""
+    outs, dists, handles = [], [], []
+    for a in margin._quantized_acts(model):
+        levels = 2 ** int(a.act_quant.bit_width()) - 1
+        handles.append(a.register_forward_pre_hook(
+            lambda m, args, n=levels: dists.append(margin.threshold_distance(args[0] * (n / margin.act_range(m)), n))
+        ))  # fmt: skip
+        handles.append(a.register_forward_hook(lambda m, args, out: outs.append(out)))
+    with torch.no_grad(), margin.threshold_noise(model, tau, gen):
+        model(x)
+    for h in handles:
+        h.remove()
+    return outs, dists
+
+
+def test_threshold_noise_flips_only_inputs_near_a_threshold_and_only_in_training() -> None:
+    """With tau 0.25, an activation's level changes only where its input lies within 0.25 steps of a
+    threshold (and some do change); the noise is the generator's, and eval mode sees none."""
+    from hw_dq.nn.models import create_model
+
+    model = create_model("tiny", 2, 2, act_range="fixed")
+    x = torch.rand(16, 3, 32, 32)
+    model.eval()
+    clean, _ = _levels_and_distances(model, x, 0.0, None)
+    assert _levels_and_distances(model, x, 0.25, torch.Generator().manual_seed(0))[0][0].equal(clean[0])
+    model.train()  # BatchNorm normalises with the batch's statistics: the clean reference is in training mode too
+    clean, dists = _levels_and_distances(model, x, 0.0, None)
+    # the hooks record the noisy run's inputs downstream of earlier flips: compare layer 0 only, whose
+    # input is the same in both runs
+    noisy, _ = _levels_and_distances(model, x, 0.25, torch.Generator().manual_seed(0))
+    again, _ = _levels_and_distances(model, x, 0.25, torch.Generator().manual_seed(0))
+    changed = noisy[0] != clean[0]
+    assert changed.any() and (dists[0][changed] <= 0.25).all()
+    assert all(a.equal(b) for a, b in zip(noisy, again, strict=True))
+
+
+def test_training_with_threshold_noise_is_seeded(tmp_path) -> None:
+    """The loop draws the noise from the run's seed: two runs agree bit for bit, and differ from the run
+    without noise."""
+    from safetensors.torch import load_file
+
+    base = dict(model="tiny", wbits=2, abits=2, train_subset=256, batch_size=64, epochs=1)
+    for name, tau in (("a", 0.5), ("b", 0.5), ("off", 0.0)):
+        train(TrainConfig(**base, act_noise=tau), tmp_path / name, progress=False)
+    a, b, off = (load_file(tmp_path / r / rd.MODEL) for r in ("a", "b", "off"))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert any(not a[k].equal(off[k]) for k in a)

@@ -18,7 +18,7 @@ from hw_dq.train import adversarial as adv
 from hw_dq.train import loop
 from hw_dq.train.loop import TrainConfig, train
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, run_cli_here
 
 SMALL = dict(model="tiny", train_subset=256, test_subset=128, batch_size=64, epochs=1, lr=0.05)
 
@@ -237,6 +237,8 @@ def test_init_from_another_architecture_is_refused(tmp_path):
         (["--act-margin", "-1", "--abits", "2"], "--act-margin"),
         (["--act-margin", "inf", "--abits", "2"], "not finite"),
         (["--act-margin", "0.1", "--wbits", "float", "--abits", "float"], "needs --abits"),
+        (["--act-noise", "1.5", "--abits", "2"], "--act-noise"),
+        (["--act-noise", "0.5", "--wbits", "float", "--abits", "float"], "needs --abits"),
         (["--adv-train", "mart"], "invalid choice"),
         (["--lipschitz-project", "2", "--lipschitz-norm", "1"], "invalid choice"),
         (["--adv-train", "ibp", "--ibp-reg", "-1"], "--ibp-reg"),
@@ -254,7 +256,7 @@ def test_init_from_another_architecture_is_refused(tmp_path):
     ],
 )
 def test_bad_adversarial_recipe_is_one_line(tmp_path, flags, needle):
-    proc = run_cli("train", "--model", "tiny", "--out", str(tmp_path / "r"), *flags)
+    proc = run_cli_here("train", "--model", "tiny", "--out", str(tmp_path / "r"), *flags)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "r").exists()
 

@@ -88,6 +88,9 @@ class TrainConfig:
     act_margin: float = _f(0.0, "weight of the threshold-margin penalty: quantized activations' inputs kept "
                            "away from their rounding thresholds (hw_dq.train.margin; 0 = off)",
                            "adversarial training")  # fmt: skip
+    act_noise: float = _f(0.0, "threshold noise: in training, quantized activations round their input plus "
+                          "uniform noise of up to TAU steps (hw_dq.train.margin; 0 = off)", "adversarial training",
+                          metavar="TAU")  # fmt: skip
     ibp_kappa: float = _f(0.5, "ibp: the clean-loss weight at the end of the ramp", "adversarial training")
     ibp_reg: float = _f(
         0.0,
@@ -138,11 +141,12 @@ class TrainConfig:
                 self.ibp_warmup,
                 self.ibp_ramp,
                 self.act_margin,
+                self.act_noise,
             )
         )
         checks = [
-            (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay, act_margin) is "
-             "not finite"),
+            (finite, "a numeric option (beta, lr, adv_eps, adv_alpha, trades_beta, weight_decay, act_margin, "
+             "act_noise) is not finite"),
             (isinstance(self.model, str) and (self.model in MODELS or is_custom(self.model)),
              f"unknown model {self.model!r} (--model); choose one of {', '.join(MODELS)} or package.module:ClassName"),
             (self.model_args is None or isinstance(self.model_args, dict),
@@ -166,6 +170,9 @@ class TrainConfig:
             (self.act_margin >= 0, f"invalid --act-margin {self.act_margin}: must be >= 0 (0 = off)"),
             (not self.act_margin or self.abits is not None,
              "--act-margin keeps quantized activations off their thresholds: it needs --abits"),
+            (0 <= self.act_noise <= 1, f"invalid --act-noise {self.act_noise}: use a value in [0, 1] (steps)"),
+            (not self.act_noise or self.abits is not None,
+             "--act-noise perturbs quantized activations' inputs: it needs --abits"),
             (0 <= self.ibp_kappa <= 1, f"invalid --ibp-kappa {self.ibp_kappa}: must lie in [0, 1]"),
             (self.ibp_reg >= 0, f"invalid --ibp-reg {self.ibp_reg}: must be >= 0"),
             (self.ibp_schedule in ibp.SCHEDULES,

@@ -367,7 +367,11 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             xb, yb = xb.to(device), yb.to(device)
-            with margin.recording(model, cfg.act_margin > 0) as terms:
+            noise_gen = seeded_generator(cfg.seed, epoch, step, 37) if cfg.act_noise else None
+            with (
+                margin.recording(model, cfg.act_margin > 0) as terms,
+                margin.threshold_noise(model, cfg.act_noise, noise_gen),
+            ):
                 ce, logits = adv.adversarial_loss(
                     net,
                     xb,

@@ -1,4 +1,4 @@
-"""Threshold margin: a penalty on quantized pre-activations that lie near a rounding threshold.
+"""Threshold margin and threshold noise: training terms for the rounding thresholds of quantized activations.
 
 A k-bit activation changes level only where its input crosses one of the 2^k - 1 thresholds (FINN's
 MultiThreshold); an input perturbation that moves no pre-activation across one changes nothing
@@ -8,6 +8,12 @@ This term does: for each quantized ReLU's input ``u`` in units of its step, it p
 the nearest threshold below half a step, ``(1 - 2 d)^2`` (1 on a threshold, 0 at a level's centre or
 beyond the range). Written here because no quantization library offers it: it is bin regularisation
 (Han et al. 2021) aimed at the thresholds instead of the levels' spread.
+
+Threshold noise asks the opposite of the network: instead of keeping inputs off the thresholds, it
+makes it tolerate crossings. In training, each quantized ReLU's input gets uniform noise of up to
+``tau`` steps before rounding, so the inputs within ``tau`` of a threshold land on either side at
+random, as an attack would push them (noise injection, as in QuantNoise, Fan et al. 2021, aimed here at
+level flips rather than at the weights). Evaluation and export are unchanged.
 """
 
 from __future__ import annotations
@@ -62,6 +68,29 @@ def recording(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Ten
     handles += [a.register_forward_pre_hook(record) for a in acts]
     try:
         yield terms
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def threshold_noise(model: nn.Module, tau: float, gen: torch.Generator | None) -> Iterator[None]:
+    """While active, each quantized ReLU of ``model`` in training mode rounds its input plus uniform noise
+    in [-tau, tau] steps (drawn from ``gen``); nothing changes in eval mode or when ``tau`` is 0."""
+    acts = _quantized_acts(model) if tau > 0 else []
+
+    def perturb(m: nn.Module, args: tuple) -> tuple | None:
+        if not m.training:
+            return None
+        z = args[0]
+        step = torch.as_tensor(act_range(m)).detach() / (2 ** int(m.act_quant.bit_width()) - 1)
+        # drawn on the CPU and moved, as the attack engine's starts are: a GPU run draws the same noise
+        noise = (torch.rand(z.shape, generator=gen) * 2.0 - 1.0).to(z)
+        return (z + noise * (tau * step), *args[1:])
+
+    handles = [a.register_forward_pre_hook(perturb) for a in acts]
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()
