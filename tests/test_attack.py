@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from hw_dq import run as rd
 from hw_dq.robust.attacks import AttackParams, clean_accuracy, generate, robust_accuracy
-from tests.conftest import assert_one_line_error, run_cli, test_data, tiny_run
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here, test_data, tiny_run
 
 SMALL = AttackParams(apgd_iters=10, apgd_targets=2, square_queries=50, cw_iters=5, cw_search_steps=2)
 
@@ -76,38 +75,25 @@ def test_cli_attack_writes_validated_results(run_dir):
     assert json.loads((run_dir / "attacks" / "t.json").read_text())["headline"]["eps"] == 8.0
 
 
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """``hw_dq.cli.main`` in this process (no re-import), as a CompletedProcess for the asserts."""
-    from hw_dq.cli.main import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
-
-
 def test_cli_unknown_attack_is_one_line_exit_2(run_dir):
     # the real command line, once: exit status and stderr as a user sees them
     assert_one_line_error(run_cli("attack", str(run_dir), "--attacks", "fgsm,deepfoo", "--n", "8"), "deepfoo")
 
 
-def test_cli_negative_eps(run_dir, capsys):
-    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps=-2", "--n", "8"), "eps")
-    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "2,x"), "numbers")
-    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "inf", "--n", "8"), "finite")
-    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--eps", "nan", "--n", "8"), "finite")
+def test_cli_negative_eps(run_dir):
+    assert_one_line_error(run_cli_here("attack", str(run_dir), "--eps=-2", "--n", "8"), "eps")
+    assert_one_line_error(run_cli_here("attack", str(run_dir), "--eps", "2,x"), "numbers")
+    assert_one_line_error(run_cli_here("attack", str(run_dir), "--eps", "inf", "--n", "8"), "finite")
+    assert_one_line_error(run_cli_here("attack", str(run_dir), "--eps", "nan", "--n", "8"), "finite")
 
 
-def test_cli_bad_version_and_name_taken(run_dir, capsys):
+def test_cli_bad_version_and_name_taken(run_dir):
     before = sorted(p.name for p in (run_dir / "attacks").glob("*")) if (run_dir / "attacks").is_dir() else []
-    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "autoattack", "--version", "extreme")
+    proc = run_cli_here("attack", str(run_dir), "--attacks", "autoattack", "--version", "extreme")
     assert_one_line_error(proc, "--version", "standard")
     (run_dir / "attacks").mkdir(exist_ok=True)
     (run_dir / "attacks" / "taken.json").write_text("{}")
-    assert_one_line_error(cli_in_process(capsys, "attack", str(run_dir), "--name", "taken", "--n", "8"), "--force")
+    assert_one_line_error(run_cli_here("attack", str(run_dir), "--name", "taken", "--n", "8"), "--force")
     assert (run_dir / "attacks" / "taken.json").read_text() == "{}"  # nothing lost
     (run_dir / "attacks" / "taken.json").unlink()
     assert sorted(p.name for p in (run_dir / "attacks").glob("*")) == before
@@ -123,14 +109,14 @@ def test_small_linf_eps_prints_a_note(model, capsys):
     assert "units of 1/255" in err and len(err.strip().splitlines()) == 1
 
 
-def test_corrupt_autoattack_state_is_one_line_and_loses_nothing(run_dir, capsys):
+def test_corrupt_autoattack_state_is_one_line_and_loses_nothing(run_dir):
     state = run_dir / "attacks" / ".state"
     state.mkdir(parents=True, exist_ok=True)
     bad = state / "cx.apgd-ce.Linf.eps8.state.json"
     bad.write_text("{not json")
     keep = run_dir / "attacks" / "keep.json"
     keep.write_text('{"keep": 1}')
-    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "apgd-ce", "--n", "8", "--name", "cx")
+    proc = run_cli_here("attack", str(run_dir), "--attacks", "apgd-ce", "--n", "8", "--name", "cx")
     assert_one_line_error(proc, "corrupt AutoAttack state file", "delete it")
     assert bad.read_text() == "{not json" and keep.read_text() == '{"keep": 1}'
     assert sorted(p.name for p in state.iterdir()) == [bad.name]
@@ -157,17 +143,17 @@ def test_autoattack_state_resumes_after_the_last_finished_component(model, tmp_p
     assert not p.exists()
 
 
-def test_cli_run_dir_without_checkpoint(tmp_path, capsys):
+def test_cli_run_dir_without_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "tiny", "wbits": None, "abits": None}}))
-    assert_one_line_error(cli_in_process(capsys, "attack", str(tmp_path), "--n", "8"), "checkpoint")
-    assert_one_line_error(cli_in_process(capsys, "attack", str(tmp_path / "nope"), "--n", "8"), "does not exist")
+    assert_one_line_error(run_cli_here("attack", str(tmp_path), "--n", "8"), "checkpoint")
+    assert_one_line_error(run_cli_here("attack", str(tmp_path / "nope"), "--n", "8"), "does not exist")
 
 
-def test_cli_transfer_needs_source(run_dir, capsys):
-    proc = cli_in_process(capsys, "attack", str(run_dir), "--attacks", "transfer-pgd", "--n", "8")
+def test_cli_transfer_needs_source(run_dir):
+    proc = run_cli_here("attack", str(run_dir), "--attacks", "transfer-pgd", "--n", "8")
     assert_one_line_error(proc, "--transfer-from")
 
 
-def test_cli_unusable_device(run_dir, capsys):
-    proc = cli_in_process(capsys, "attack", str(run_dir), "--n", "8", "--device", "tpu9")
+def test_cli_unusable_device(run_dir):
+    proc = run_cli_here("attack", str(run_dir), "--n", "8", "--device", "tpu9")
     assert_one_line_error(proc, "device 'tpu9' is not usable")

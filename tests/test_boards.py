@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hw_dq.fpga.boards import REPO_BOARDS, RESOURCES, BoardError, get_board, load_board_file, load_boards
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here
 
 REQUIRED = {"Pynq-Z1", "Pynq-Z2", "Ultra96-V2", "ZCU102", "ZCU104", "KV260", "U50", "U250", "U280"}
 
@@ -53,9 +53,9 @@ def test_malformed_board_rejected_naming_field(tmp_path: Path, over: dict, field
 
 def test_malformed_board_cli_one_line(tmp_path: Path) -> None:
     _write(tmp_path, "Bad", clock_mhz=-5)
-    assert_one_line_error(run_cli("boards", "--boards-dir", str(tmp_path)), "clock_mhz", "Bad.json")
+    assert_one_line_error(run_cli_here("boards", "--boards-dir", str(tmp_path)), "clock_mhz", "Bad.json")
     (tmp_path / "Bad.json").write_text('{"name": "Bad", ')
-    assert_one_line_error(run_cli("boards", "--boards-dir", str(tmp_path)), "not valid JSON")
+    assert_one_line_error(run_cli_here("boards", "--boards-dir", str(tmp_path)), "not valid JSON")
 
 
 def test_user_adds_a_board_by_adding_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

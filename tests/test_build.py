@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from benchmarks.fpga_fit import lively  # one helper for the benchmark and the test
 from hw_dq.fpga.boards import load_board_file
 from hw_dq.nn.quant import QuantSpec
-from tests.conftest import assert_one_line_error, run_cli, train_tiny
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here, train_tiny
 
 ESTIMATED = ("LUT", "BRAM_18K", "URAM", "DSP")
 
@@ -85,7 +85,7 @@ def test_truncated_and_non_qonnx_files_are_one_line_errors(built: tuple[Path, Pa
     data = (run / "export" / "qonnx.onnx").read_bytes()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(run_cli("build", str(cut), "--board", "Pynq-Z1"), "not a valid ONNX file")
+    assert_one_line_error(run_cli_here("build", str(cut), "--board", "Pynq-Z1"), "not a valid ONNX file")
     node = helper.make_node("Relu", ["x"], ["y"])
     g = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
@@ -93,7 +93,7 @@ def test_truncated_and_non_qonnx_files_are_one_line_errors(built: tuple[Path, Pa
     )  # fmt: skip
     plain = tmp_path / "plain.onnx"
     onnx.save(helper.make_model(g), str(plain))
-    assert_one_line_error(run_cli("build", str(plain), "--board", "Pynq-Z1"), "not a QONNX model")
+    assert_one_line_error(run_cli_here("build", str(plain), "--board", "Pynq-Z1"), "not a QONNX model")
 
 
 class _Unmappable(torch.nn.Module):

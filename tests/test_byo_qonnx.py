@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli, test_data
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here, test_data
 
 N = 24
 
@@ -81,18 +81,20 @@ def test_attack_and_certify_a_bare_qonnx_build(build: tuple[Path, Path]) -> None
 
 def test_bare_build_errors_are_one_line(build: tuple[Path, Path], tmp_path: Path) -> None:
     _, out = build
-    assert_one_line_error(run_cli("attack", str(out), "--n", "4"), "without a PyTorch model", "--on hw")
+    assert_one_line_error(run_cli_here("attack", str(out), "--n", "4"), "without a PyTorch model", "--on hw")
     assert_one_line_error(
-        run_cli("attack", str(out), "--on", "hw", "--attacks", "transfer-pgd", "--n", "4"), "square or hsj"
+        run_cli_here("attack", str(out), "--on", "hw", "--attacks", "transfer-pgd", "--n", "4"), "square or hsj"
     )
-    assert_one_line_error(run_cli("certify", str(tmp_path), "--n", "4"), "nor a FINN build folder")
+    assert_one_line_error(run_cli_here("certify", str(tmp_path), "--n", "4"), "nor a FINN build folder")
 
 
 def test_board_of_a_bare_build_is_checked(build: tuple[Path, Path]) -> None:
     """--board with a build folder: another board is refused in one line, the folder's own board is accepted."""
     _, out = build
     for verb in (("attack", str(out), "--on", "hw", "--attacks", "square"), ("certify", str(out))):
-        assert_one_line_error(run_cli(*verb, "--board", "ZCU104", "--n", "4"), "is for board Pynq-Z1", "not ZCU104")
+        assert_one_line_error(
+            run_cli_here(*verb, "--board", "ZCU104", "--n", "4"), "is for board Pynq-Z1", "not ZCU104"
+        )
     proc = run_cli("certify", str(out), "--board", "pynq-z1", "--eps", "2", "--n", "4", "--name", "board-ok")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "attacks" / "board-ok.json").read_text())["n_examples"] == 4

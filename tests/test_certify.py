@@ -19,7 +19,7 @@ from hw_dq.fpga.hwattack import craft, find_build, load_simulator, uint8_grid
 from hw_dq.fpga.sim import HwSimulator
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here
 
 N = 200
 COMMON = dict(model="tiny", train_subset=4000, test_subset=200, batch_size=64)
@@ -162,9 +162,9 @@ def test_cli_certify_writes_a_schema_result(tiny_build):
 
 def test_cli_certify_bad_input_is_one_line(tiny_build, tmp_path):
     for bad in ("--eps=-1", "--eps=256"):
-        assert_one_line_error(run_cli("certify", str(tiny_build), bad, "--n", "4"), "invalid eps")
+        assert_one_line_error(run_cli_here("certify", str(tiny_build), bad, "--n", "4"), "invalid eps")
     assert_one_line_error(
-        run_cli("certify", str(tiny_build), "--board", "ZCU104", "--n", "4"), "no FINN build", "ZCU104"
+        run_cli_here("certify", str(tiny_build), "--board", "ZCU104", "--n", "4"), "no FINN build", "ZCU104"
     )
     # a build whose graph multiplies two variable streams: an op the interval semantics does not cover
     broken = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_cli_certify_bad_input_is_one_line(tiny_build, tmp_path):
     node = next(nd for nd in g.graph.node if nd.op_type.startswith("ElementwiseMul"))
     node.input[1] = node.input[0]
     onnx.save(g, str(model))
-    assert_one_line_error(run_cli("certify", str(broken), "--n", "4"), node.name, "no interval semantics")
+    assert_one_line_error(run_cli_here("certify", str(broken), "--n", "4"), node.name, "no interval semantics")
 
 
 def test_a_label_head_is_certified_on_its_scores():

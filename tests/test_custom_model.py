@@ -10,7 +10,7 @@ import pytest
 from hw_dq.errors import ConfigError
 from hw_dq.nn.models import create_model
 from hw_dq.train.config import TrainConfig
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here
 
 MODEL = "tests.custom_model:SmallBrevitasNet"
 
@@ -64,8 +64,10 @@ def test_own_qonnx_file_builds(exported: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((out / "report.json").read_text())
     assert (out / "dataflow_model.onnx").is_file() and rep["fps"] > 0 and rep["board"]["name"] == "Pynq-Z1"
-    assert_one_line_error(run_cli("build", "--onnx", str(tmp_path / "none.onnx"), "--board", "Pynq-Z1"), "--onnx")
-    assert_one_line_error(run_cli("build", str(exported), "--onnx", str(onnx_file), "--board", "Pynq-Z1"), "one of")
+    assert_one_line_error(run_cli_here("build", "--onnx", str(tmp_path / "none.onnx"), "--board", "Pynq-Z1"), "--onnx")
+    assert_one_line_error(
+        run_cli_here("build", str(exported), "--onnx", str(onnx_file), "--board", "Pynq-Z1"), "one of"
+    )
 
 
 @pytest.mark.parametrize(

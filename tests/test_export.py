@@ -11,7 +11,7 @@ import torch
 
 from hw_dq.fpga.export import ExportError, export_model, export_run, sample_images
 from hw_dq.nn.models import create_model
-from tests.conftest import assert_one_line_error, run_cli, train_tiny
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_float_model_export_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="full precision"):
         export_model(create_model("tiny", None, None), tmp_path, sample_images(None, 2))
     run = train_tiny(tmp_path / "fp", "float", "float", n=64)
-    assert_one_line_error(run_cli("export", str(run)), "full precision")
+    assert_one_line_error(run_cli_here("export", str(run)), "full precision")
 
 
 @pytest.mark.parametrize("shifted, ok", [(1, True), (8, False)])

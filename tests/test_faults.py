@@ -18,7 +18,7 @@ from hw_dq.fpga.hwattack import uint8_grid
 from hw_dq.fpga.upsets import random_faults
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here
 
 COMMON = dict(model="tiny", test_subset=64, batch_size=64)
 N_FINN = 12  # images through FINN's (slow, one image at a time) execution per comparison
@@ -253,16 +253,16 @@ def test_cli_results_plot_and_errors(build, tmp_path):
     png = plot_faults([build, build], tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert_one_line_error(run_cli("faults", str(build), "--rate", "1.5"), "invalid rate", "[0, 1]")
-    assert_one_line_error(run_cli("faults", str(build), "--mode", "targeted", "--flips", "0"), "--flips 0")
+    assert_one_line_error(run_cli_here("faults", str(build), "--rate", "1.5"), "invalid rate", "[0, 1]")
+    assert_one_line_error(run_cli_here("faults", str(build), "--mode", "targeted", "--flips", "0"), "--flips 0")
     # the classifier (layer 2) has no thresholds
     assert_one_line_error(
-        run_cli("faults", str(build), "--rate", "1e-3", "--target", "thresholds", "--layer", "2"), "no thresholds"
+        run_cli_here("faults", str(build), "--rate", "1e-3", "--target", "thresholds", "--layer", "2"), "no thresholds"
     )
     bare = tmp_path / "bare"  # a run directory that was never built
     bare.mkdir()
     (bare / "config.json").write_text((build / "config.json").read_text())
-    assert_one_line_error(run_cli("faults", str(bare), "--rate", "1e-3"), "no FINN build", "hw-dq build")
+    assert_one_line_error(run_cli_here("faults", str(bare), "--rate", "1e-3"), "no FINN build", "hw-dq build")
 
 
 def test_random_faults_on_a_bare_qonnx_build(build, images, tmp_path):
@@ -291,7 +291,7 @@ def test_random_faults_on_a_bare_qonnx_build(build, images, tmp_path):
 
     res.validate(saved)
     assert "| qonnx:build_mine_Pynq-Z1 | VQ | w2a2 | ? | unknown |" in tabulate_faults([saved])
-    assert_one_line_error(run_cli("faults", str(bare), "--mode", "targeted"), "no PyTorch model", "--mode random")
+    assert_one_line_error(run_cli_here("faults", str(bare), "--mode", "targeted"), "no PyTorch model", "--mode random")
 
 
 def test_bad_requests_raise_fault_errors(build, images):

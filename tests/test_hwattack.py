@@ -14,7 +14,7 @@ from hw_dq.fpga.hwattack import craft, evaluate_hw, find_build, hw_labels, load_
 from hw_dq.robust.registry import HW_ATTACKS
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, run_cli_here
 
 EPS = 8.0
 
@@ -68,23 +68,23 @@ def test_cli_hw_attack_and_errors(tiny_build, tmp_path):
     # a run directory without a FINN build
     bare = tmp_path / "bare"
     train(TrainConfig(model="tiny", epochs=1, train_subset=128, test_subset=32, batch_size=64), bare, progress=False)
-    assert_one_line_error(run_cli("attack", str(bare), "--on", "hw", "--n", "4"), "no FINN build", "hw-dq build")
+    assert_one_line_error(run_cli_here("attack", str(bare), "--on", "hw", "--n", "4"), "no FINN build", "hw-dq build")
     # a build folder whose FINN model is gone
     broken = tmp_path / "broken"
     import shutil
 
     shutil.copytree(tiny_build, broken)
     (broken / "build" / "Pynq-Z1" / "dataflow_model.onnx").unlink()
-    assert_one_line_error(run_cli("attack", str(broken), "--on", "hw", "--n", "4"), "no FINN build")
+    assert_one_line_error(run_cli_here("attack", str(broken), "--on", "hw", "--n", "4"), "no FINN build")
     assert_one_line_error(
-        run_cli("attack", str(tiny_build), "--on", "hw", "--attacks", "fgsm", "--n", "4"), "on the accelerator"
+        run_cli_here("attack", str(tiny_build), "--on", "hw", "--attacks", "fgsm", "--n", "4"), "on the accelerator"
     )
     # every flag is honoured or refused in one line
-    assert_one_line_error(run_cli("attack", str(tiny_build), "--on", "hw", "--defense", "bits:4"), "--defense")
+    assert_one_line_error(run_cli_here("attack", str(tiny_build), "--on", "hw", "--defense", "bits:4"), "--defense")
     # the default name never overwrites: a second run gets robustness-hw-2; an explicit taken name needs --force
     assert (tiny_build / "attacks" / "robustness-hw.json").is_file()
     assert_one_line_error(
-        run_cli("attack", str(tiny_build), "--on", "hw", "--name", "robustness-hw", "--n", "4"), "--force"
+        run_cli_here("attack", str(tiny_build), "--on", "hw", "--name", "robustness-hw", "--n", "4"), "--force"
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 
 TINY = ROOT / "hw_dq" / "configs" / "sweep_tiny.yaml"
 
@@ -184,15 +184,15 @@ def test_unreachable_storage_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("sweep", str(TINY), "--out", str(tmp_path / "s"), "--storage", url)
     assert_one_line_error(proc, "cannot open the study storage", "127.0.0.1:9")
     assert "secret" not in proc.stderr
-    assert_one_line_error(run_cli("sweep", str(tmp_path), "--report"), "not a sweep folder")
+    assert_one_line_error(run_cli_here("sweep", str(tmp_path), "--report"), "not a sweep folder")
 
 
 def test_misused_flags_and_another_spec_are_one_line(resumed: dict, tmp_path: Path) -> None:
     out = resumed["out"]
-    assert_one_line_error(run_cli("sweep", str(out), "--report", "--min-fps", "-5"), "invalid --min-fps -5")
-    assert_one_line_error(run_cli("sweep", str(TINY), "--out", str(out), "--final"), "go with --report")
+    assert_one_line_error(run_cli_here("sweep", str(out), "--report", "--min-fps", "-5"), "invalid --min-fps -5")
+    assert_one_line_error(run_cli_here("sweep", str(TINY), "--out", str(out), "--final"), "go with --report")
     other = _spec_file(tmp_path, {"seed": 1})  # the same study name, another SPEC
-    assert_one_line_error(run_cli("sweep", str(other), "--out", str(out)), "holds a sweep of another SPEC")
+    assert_one_line_error(run_cli_here("sweep", str(other), "--out", str(out)), "holds a sweep of another SPEC")
 
 
 def test_a_point_proposed_again_reuses_its_results_and_stands_once_on_the_front() -> None:
