@@ -1,5 +1,6 @@
 """What robust training costs: one training step of each adversarial recipe against a clean QAT step,
-and what the Lipschitz control adds on top of the adversarial step, timed side by side in one process.
+and what the Lipschitz control and the threshold terms add on top of the adversarial step, timed side by
+side in one process.
 
 Every configuration runs the step ``hw_dq.train.loop`` runs (the recipe's crafted batch through
 ``hw_dq.train.adversarial.adversarial_loss``, the regulariser, backward, SGD, and the per-step
@@ -32,6 +33,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "N-FGSM + DQ penalty (bn_folded)": {"adv_train": "nfgsm", "beta": 1e-4, "lipschitz_target": "bn_folded"},
     "N-FGSM + DQ penalty (weight)": {"adv_train": "nfgsm", "beta": 1e-4, "lipschitz_target": "weight"},
     "N-FGSM + spectral projection": {"adv_train": "nfgsm", "lipschitz_project": 2.0, "lipschitz_target": "bn_folded"},
+    # the threshold terms on the screen's w2a2 recipe (PGD-3), against PGD-3 alone
+    "PGD-3": {"adv_train": "pgd", "adv_steps": 3},
+    "PGD-3 + threshold margin": {"adv_train": "pgd", "adv_steps": 3, "act_margin": 10.0},
+    "PGD-3 + threshold noise": {"adv_train": "pgd", "adv_steps": 3, "act_noise": 0.5},
     # certified training at the end of its ramp (eps 2.2/255): the clean logits from the bound pass, and
     # the same loss with a separate clean forward first (the step before the single pass)
     "IBP": {"adv_train": "ibp", "adv_eps": 2.2, "ibp_warmup": 0.0, "ibp_ramp": 1.0},
@@ -44,7 +49,7 @@ class Stepper:
     """One configuration's model, optimizer and batch; calling it runs and times one training step."""
 
     def __init__(self, overrides: dict[str, Any], width: float, bits: int, batch: int, two_pass: bool = False) -> None:
-        from hw_dq.data import load_split, seeded_generator
+        from hw_dq.data import load_split
         from hw_dq.nn import lipschitz
         from hw_dq.nn.models import model_from_config
         from hw_dq.train.config import TrainConfig
@@ -56,22 +61,23 @@ class Stepper:
         x, y = load_split("sample", "train").take(batch, 0).tensors()
         self.x, self.y = x, y
         self.layers = lipschitz.lipschitz_layers(self.model)
-        self.gen = seeded_generator
         self.step_no = 0
         self.two_pass = two_pass
 
     def __call__(self) -> float:
         from hw_dq.nn import lipschitz
-        from hw_dq.train import adversarial as adv
+        from hw_dq.train.step import training_loss
 
         cfg = self.cfg
         self.model.train()
         t0 = time.perf_counter()
         if self.two_pass:
             ce = self._two_pass_ibp()
-        else:  # step = total: IBP at the end of its ramp (the other recipes ignore the step)
-            ce, _ = adv.adversarial_loss(self.model, self.x, self.y, cfg.adv, self.gen(0, 0, self.step_no, 31), 1, 1)
-        loss = ce + lipschitz.regulariser(self.model, cfg.beta, cfg.lipschitz_target, self.layers).to(ce)
+            loss = ce + lipschitz.regulariser(self.model, cfg.beta, cfg.lipschitz_target, self.layers).to(ce)
+        else:  # the loop's own step loss; step = total: IBP at the end of its ramp (the others ignore it)
+            ce, reg, _ = training_loss(self.model, self.model, self.x, self.y, cfg, (0, 0, self.step_no), 1, 1,
+                                       None, self.layers)  # fmt: skip
+            loss = ce + reg
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -102,11 +108,13 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"Median of {res['reps']} interleaved steps after {res['warmup']} warm-up steps per configuration.",
         "",
-        "| configuration | median step (s) | vs clean QAT | vs N-FGSM |",
-        "|---|---:|---:|---:|",
+        "| configuration | median step (s) | vs clean QAT | vs N-FGSM | vs PGD-3 |",
+        "|---|---:|---:|---:|---:|",
     ]
+    pgd3 = med.get("PGD-3")  # absent from results made before the threshold rows
     for name, t in med.items():
-        lines.append(f"| {name} | {t:.3f} | {t / base:.2f}x | {t / nfgsm:.2f}x |")
+        third = f"{t / pgd3:.2f}x" if pgd3 and name.startswith("PGD-3") else "-"
+        lines.append(f"| {name} | {t:.3f} | {t / base:.2f}x | {t / nfgsm:.2f}x | {third} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from hw_dq import run as rd
-from hw_dq.data import ArrayDataset, iterate_batches, load_split, seeded_generator, to_float
+from hw_dq.data import ArrayDataset, iterate_batches, load_split, to_float
 from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
 from hw_dq.nn.ibp import certified_fraction, ibp_init_, project_rows_
 from hw_dq.nn.models import model_from_config
 from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
 from hw_dq.train import adversarial as adv
-from hw_dq.train import margin
 from hw_dq.train.config import ADV_TRAIN, SCHEDULES, TrainConfig, stored_config
+from hw_dq.train.step import training_loss
 
 __all__ = ["ADV_TRAIN", "SCHEDULES", "TrainConfig", "evaluate", "fit", "lr_at", "train"]
 
@@ -348,7 +348,6 @@ def fit(
             rd.save_tensors(run / rd.CHECKPOINT, _checkpoint_tensors(model, opt), meta)
 
     reg_layers = lipschitz.lipschitz_layers(model)  # found once, not on every step
-    recipe = cfg.adv
     key = selection_key(cfg)
     history = [r[key] for r in rd.read_jsonl(run / rd.METRICS) if key in r]
     row: dict[str, Any] = {}
@@ -367,25 +366,10 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             xb, yb = xb.to(device), yb.to(device)
-            noise_gen = seeded_generator(cfg.seed, epoch, step, 37) if cfg.act_noise else None
-            with (
-                margin.recording(model, cfg.act_margin > 0) as terms,
-                margin.threshold_noise(model, cfg.act_noise, noise_gen),
-            ):
-                ce, logits = adv.adversarial_loss(
-                    net,
-                    xb,
-                    yb,
-                    recipe,
-                    seeded_generator(cfg.seed, epoch, step, 31),
-                    epoch * steps + step,
-                    cfg.epochs * steps,
-                    teacher,
-                )
-            reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
-            pen = margin.margin_loss(terms, cfg.act_margin)
-            if pen is not None:  # the threshold margin counts into "reg" (the metrics' regulariser column)
-                reg = reg + pen
+            ce, reg, logits = training_loss(
+                net, model, xb, yb, cfg, (cfg.seed, epoch, step), epoch * steps + step, cfg.epochs * steps,
+                teacher, reg_layers,
+            )  # fmt: skip
             loss = ce + reg
             if not torch.isfinite(loss.detach()):
                 raise ConfigError(
