@@ -44,13 +44,13 @@ def _quantized_acts(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def recording(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
-    """Collect, for the model's last forward pass, the penalty of each quantized ReLU's input.
+def recording(model: nn.Module, enabled: bool = True) -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
+    """Collect, for the model's last forward pass, each quantized ReLU and its input (for :func:`margin_loss`).
 
     Every forward of ``model`` starts the list afresh, so after an adversarial loss (attack forwards,
     then the update's) it holds the update forward's terms. Yields an empty list when ``enabled`` is
     False or the model quantizes no activation."""
-    terms: list[torch.Tensor] = []
+    terms: list[tuple[nn.Module, torch.Tensor]] = []
     acts = _quantized_acts(model) if enabled else []
     if not acts:
         yield terms
@@ -60,9 +60,7 @@ def recording(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Ten
         terms.clear()
 
     def record(m: nn.Module, args: tuple) -> None:
-        r = act_range(m)
-        levels = 2 ** int(m.act_quant.bit_width()) - 1
-        terms.append(penalty(args[0] * (levels / r), levels))
+        terms.append((m, args[0]))  # the penalty is computed once, for the forward that is kept
 
     handles = [model.register_forward_pre_hook(restart)]
     handles += [a.register_forward_pre_hook(record) for a in acts]
@@ -96,6 +94,12 @@ def threshold_noise(model: nn.Module, tau: float, gen: torch.Generator | None) -
             h.remove()
 
 
-def margin_loss(terms: list[torch.Tensor], weight: float) -> torch.Tensor | None:
-    """``weight`` times the mean of the recorded terms; None when there is none."""
-    return weight * torch.stack(terms).mean() if terms else None
+def margin_loss(recorded: list[tuple[nn.Module, torch.Tensor]], weight: float) -> torch.Tensor | None:
+    """``weight`` times the mean over the recorded activations of their inputs' penalty; None when none is."""
+    if not recorded:
+        return None
+    terms = []
+    for m, z in recorded:
+        levels = 2 ** int(m.act_quant.bit_width()) - 1
+        terms.append(penalty(z * (levels / act_range(m)), levels))
+    return weight * torch.stack(terms).mean()
