@@ -140,6 +140,9 @@ def test_results_bullets_match_their_files() -> None:
     _says(f"`bn_folded` {step['N-FGSM + DQ penalty (bn_folded)'] / nf:.2f}x",
           f"`weight` {step['N-FGSM + DQ penalty (weight)'] / nf:.2f}x",
           f"spectral projection ({step['N-FGSM + spectral projection'] / nf:.2f}x)")  # fmt: skip
+    pgd3 = step["PGD-3"]
+    _says(f"the margin {step['PGD-3 + threshold margin'] / pgd3:.2f}x and the noise "
+          f"{step['PGD-3 + threshold noise'] / pgd3:.2f}x")  # fmt: skip
     one, two = step["IBP"], step["IBP, separate clean forward"]
     assert one < two  # the single pass is the cheaper step
     _says(f"Certified training (IBP at its full eps) costs {one / base:.2f}x",
@@ -360,3 +363,22 @@ def test_width_start_and_a3_screen_rows_match_their_results() -> None:
                         ("fp-w075", twin), ("ptq-w4a4-w075", a["ptq-w4a4"])]:  # fmt: skip
         assert abs(a[moved] - base) <= tolerance(base, n, 0.0), moved
     assert max(a[k] for k in a if "w2a2" in k) < twin - 0.1
+
+
+def test_threshold_and_recipe_screen_rows_match_their_results() -> None:
+    """The five w2a2 rows aimed at the thresholds: the README's figures are the screen's, and "none is more
+    than two standard errors above PGD-3" holds in the results."""
+    from hw_dq.robust.sanity import tolerance
+
+    s = _load("finetune_screen.json")
+    v, n = s["variants"], s["n"]
+    a = {k: v[k]["apgd"] for k in v}
+    base = a["lr005-w2a2e8"]
+    _says(f"TRADES keeps {_pct(a['trades3-lr005-w2a2e8'])}, PGD-3 at 12/255 {_pct(a['eps12-lr005-w2a2e8'])}")
+    m10, m3 = "margin10-lr005-w2a2e8", "margin3-lr005-w2a2e8"
+    _says(f"the threshold margin {_pct(a[m10])} (weight 10, at {_pct(v[m10]['clean'])} clean)",
+          f"and {_pct(a[m3])} (weight 3)")  # fmt: skip
+    _says(f"threshold noise {_pct(a['noise05-lr005-w2a2e8'])}", f"above PGD-3's {_pct(base)}")
+    rows = ("trades3-lr005-w2a2e8", "eps12-lr005-w2a2e8", "margin10-lr005-w2a2e8", "margin3-lr005-w2a2e8",
+            "noise05-lr005-w2a2e8")  # fmt: skip
+    assert all(a[k] - base <= tolerance(base, n, 0.0) for k in rows)
