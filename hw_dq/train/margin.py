@@ -35,8 +35,14 @@ def threshold_distance(u: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def penalty(u: torch.Tensor, levels: int) -> torch.Tensor:
-    """Mean of ``(1 - 2 d)^2`` over the elements closer than half a step to a threshold (d: the distance)."""
+    """Mean over the elements of ``(1 - 2 d)^2``, d the distance to a threshold capped at half a step (so an
+    element half a step or more from every threshold adds 0)."""
     return (1.0 - 2.0 * threshold_distance(u, levels).clamp(max=0.5)).pow(2).mean()
+
+
+def _levels(act: nn.Module) -> int:
+    """The top level 2^k - 1 of a quantized activation (its range is that many steps)."""
+    return 2 ** int(act.act_quant.bit_width()) - 1
 
 
 def _quantized_acts(model: nn.Module) -> list[nn.Module]:
@@ -81,7 +87,7 @@ def threshold_noise(model: nn.Module, tau: float, gen: torch.Generator | None) -
         if not m.training:
             return None
         z = args[0]
-        step = torch.as_tensor(act_range(m)).detach() / (2 ** int(m.act_quant.bit_width()) - 1)
+        step = torch.as_tensor(act_range(m)).detach() / _levels(m)
         # drawn on the CPU and moved, as the attack engine's starts are: a GPU run draws the same noise
         noise = (torch.rand(z.shape, generator=gen) * 2.0 - 1.0).to(z)
         return (z + noise * (tau * step), *args[1:])
@@ -98,8 +104,5 @@ def margin_loss(recorded: list[tuple[nn.Module, torch.Tensor]], weight: float) -
     """``weight`` times the mean over the recorded activations of their inputs' penalty; None when none is."""
     if not recorded:
         return None
-    terms = []
-    for m, z in recorded:
-        levels = 2 ** int(m.act_quant.bit_width()) - 1
-        terms.append(penalty(z * (levels / act_range(m)), levels))
+    terms = [penalty(z * (_levels(m) / act_range(m)), _levels(m)) for m, z in recorded]
     return weight * torch.stack(terms).mean()

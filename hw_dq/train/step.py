@@ -25,14 +25,15 @@ def training_loss(
     where: tuple[int, int, int],
     step: int,
     total: int,
-    teacher: nn.Module | None = None,
-    reg_layers: list | None = None,
+    teacher: nn.Module | None,
+    reg_layers: list,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the recipe's loss, the regularisers, the logits whose accuracy is reported) for one batch.
 
     ``net`` is what the forward runs through (``model`` itself, or its DistributedDataParallel wrapper);
     ``where`` = (seed, epoch, step in epoch) seeds the attack's and the threshold noise's draws, so a
-    resumed run draws what an uninterrupted one does; ``step`` of ``total`` drives IBP's ramps. The
+    resumed run draws what an uninterrupted one does; ``step`` of ``total`` drives IBP's ramps;
+    ``teacher`` is rslad's; ``reg_layers`` are ``lipschitz.lipschitz_layers(model)``, found once. The
     regulariser term is the Lipschitz penalty (``beta``) plus the threshold margin (``act_margin``)."""
     noise_gen = seeded_generator(*where, 37) if cfg.act_noise else None
     with (
@@ -40,7 +41,6 @@ def training_loss(
         margin.threshold_noise(model, cfg.act_noise, noise_gen),
     ):
         ce, logits = adv.adversarial_loss(net, x, y, cfg.adv, seeded_generator(*where, 31), step, total, teacher)
-    layers = lipschitz.lipschitz_layers(model) if reg_layers is None else reg_layers
-    reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, layers).to(ce)
+    reg = lipschitz.regulariser(model, cfg.beta, cfg.lipschitz_target, reg_layers).to(ce)
     pen = margin.margin_loss(terms, cfg.act_margin)
     return ce, reg if pen is None else reg + pen, logits
