@@ -182,3 +182,26 @@ def test_ibp_growth_of_a_trained_run_and_its_bad_radii(tmp_path: Path) -> None:
     assert len(small) == len(large) == 9  # the input box and the 8 activations after a layer
     assert small[0] < large[0] and small[1] < large[1]
     assert c_small >= c_large and ce_small <= ce_large
+
+
+def test_cert_arm_trains_the_cpu_recipe_and_reports_certificates_beside_the_worst_case() -> None:
+    """The certified arm's runs are the recipe the CPU runs certified with (its IBP options, valid configs on
+    every training image), each accelerator certificate waits for its training, and the report puts the
+    certificates beside the same model's empirical worst case (a certificate above it would be unsound)."""
+    from hw_dq.train.config import TrainConfig
+
+    steps = robust_gpu.plan_cert()
+    trains = [s for s in steps if s.kind == "train"]
+    for s in trains:
+        cfg = TrainConfig(**s.cfg)
+        assert cfg.adv_train == "ibp" and cfg.ibp_relax_input and cfg.ibp_relu_grad and cfg.train_subset is None
+    res = {"train": {}, "eval": {}, "hw": {}, "cert": {}}
+    cert = next(s for s in steps if s.kind == "cert")
+    assert not robust_gpu._ready(cert, res)
+    res["train"][cert.run] = {"epochs": 60}
+    assert robust_gpu._ready(cert, res)
+    res["cert"][f"{cert.run}@2"] = {"n": 1000, "clean_hw": 0.5, "bound_s": 3.0,
+                                    "certified": {"1": 0.41, "2": 0.37, "4": 0.2, "8": 0.05}}  # fmt: skip
+    res["eval"][f"{cert.run}@2"] = {"worst_case": 0.39, "clean": 0.5, "robust": {}, "eps": 2.0, "n": 1000}
+    row = next(ln for ln in robust_gpu.render(res).splitlines() if ln.startswith(f"| {cert.run} | 1000 |"))
+    assert "**37.0%**" in row and "39.0% / -" in row, row
