@@ -153,16 +153,10 @@ def plan_cert() -> list[Step]:
 def cert_step(s: Step, work: Path, data: Path, n: int) -> dict[str, Any]:
     """The run's accelerator (FINN build for the Pynq-Z1, built if it is not yet) certified with integer
     interval bounds at every ``CERT_EPS`` on the evaluation's ``n`` images (``hw-dq certify``)."""
-    from hw_dq import api
-    from hw_dq.errors import HwDqError
     from hw_dq.fpga.certify import certify_run
-    from hw_dq.fpga.hwload import find_build
 
     t0 = time.time()
-    try:
-        find_build(work / s.run, BOARD)
-    except HwDqError:  # not built yet (a finished build is reused)
-        api.build(work / s.run, BOARD)
+    _built(work / s.run)
     r = certify_run(work / s.run, list(CERT_EPS), board=BOARD, n=n, seed=0, data="cifar10", data_dir=str(data))
     cert = {f"{b['eps']:g}": b["certified_acc"] for b in r["certified"]}
     return {"eps": s.eps, "n": r["n_examples"], "seed": 0, "board": BOARD, "clean_hw": r["clean_acc"],
@@ -323,6 +317,18 @@ def eval_step(s: Step, work: Path, data: Path, n: int, device: str, aa_mode: str
 BOARD = "Pynq-Z1"
 
 
+def _built(run: Path) -> None:
+    """Build the run for the Pynq-Z1 unless a finished build is there (it is reused)."""
+    from hw_dq import api
+    from hw_dq.errors import HwDqError
+    from hw_dq.fpga.hwload import find_build
+
+    try:
+        find_build(run, BOARD)
+    except HwDqError:
+        api.build(run, BOARD)
+
+
 def _transfer(run: Path, ev: dict[str, Any], data: Path, n: int) -> dict[str, Any]:
     """``n`` of an evaluation's images on the run's accelerator (built for the Pynq-Z1 if it is not yet),
     every (N // n)-th: take() orders the images by class, so a prefix would hold two or three classes.
@@ -331,17 +337,12 @@ def _transfer(run: Path, ev: dict[str, Any], data: Path, n: int) -> dict[str, An
     import numpy as np
     import torch
 
-    from hw_dq import api
     from hw_dq import run as rd
     from hw_dq.data import load_split, to_float
-    from hw_dq.errors import HwDqError
     from hw_dq.fpga.hwload import find_build, hw_labels, load_simulator, uint8_grid
 
     t0 = time.time()
-    try:
-        find_build(run, BOARD)
-    except HwDqError:  # not built yet (a finished build is reused)
-        api.build(run, BOARD)
+    _built(run)
     build_s = time.time() - t0
     sim = load_simulator(find_build(run, BOARD))
     te = load_split("cifar10", "test", data).take(ev["n"], 0)

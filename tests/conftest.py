@@ -32,18 +32,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )  # fmt: skip
 
 
-def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+def run_cli_here(*args: str, tty: bool = False) -> subprocess.CompletedProcess:
     """The CLI's ``main`` in this process, for the long tables of bad-input cases: its one-line errors and
     exit code 2 come from ``main`` itself (argparse's errors and HwDqError), so stderr and the code are what
     the process would give, without the ~8 s interpreter and import start of :func:`run_cli` per case.
     Each command keeps :func:`run_cli` tests for the real process. An unexpected exception propagates
-    (a traceback a user would see fails the test either way)."""
+    (a traceback a user would see fails the test either way). ``tty``: stderr says it is a terminal."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
     from hw_dq.cli.main import main
 
-    out, err = io.StringIO(), io.StringIO()
+    class _Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out, err = io.StringIO(), (_Terminal() if tty else io.StringIO())
     with redirect_stdout(out), redirect_stderr(err):
         try:
             code = main(list(args))

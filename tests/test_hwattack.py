@@ -124,11 +124,8 @@ def test_transfer_autoattack_progress_on_a_terminal_only(tiny_build, tmp_path, m
     pseudo-terminal, the real attack); with --quiet on a terminal, or on a pipe, the attack gets no reporter
     and nothing is printed (main() in process, the attack recorded instead of run: its progress wiring is
     what differs between the three, and a second and third full AutoAttack cost CI a minute)."""
-    import io
     import re
-    from contextlib import redirect_stderr
 
-    from hw_dq.cli.main import main
     from hw_dq.fpga import hwattack
     from tests.test_progress import _on_terminal
 
@@ -146,17 +143,12 @@ def test_transfer_autoattack_progress_on_a_terminal_only(tiny_build, tmp_path, m
         given.append(progress)
         return x, {}
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     monkeypatch.setattr(hwattack, "hw_transfer_autoattack", recorded)
-    for name, stream, extra in (("quiet", Terminal(), ("--quiet",)), ("piped", io.StringIO(), ()),
-                                ("control", Terminal(), ())):  # fmt: skip
-        with redirect_stderr(stream):
-            assert main([*args, "--name", name, *extra]) == 0, stream.getvalue()
+    for name, tty, extra in (("quiet", True, ("--quiet",)), ("piped", False, ()), ("control", True, ())):
+        proc = run_cli_here(*args, "--name", name, *extra, tty=tty)
+        assert proc.returncode == 0, proc.stderr
         if name != "control":
-            assert "batch" not in stream.getvalue() and "ETA" not in stream.getvalue(), stream.getvalue()
+            assert "batch" not in proc.stderr and "ETA" not in proc.stderr, proc.stderr
     assert given[0] is None and given[1] is None
     assert given[2] is not None and given[2].on  # the control: on a terminal without --quiet the attack reports
 
