@@ -11,6 +11,11 @@ from typing import Any
 
 import pytest
 
+# `make test` runs one pytest-xdist worker per core: one thread each (torch reads this when it is first
+# imported, after this file), inherited by every process a test starts. A user's own setting wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURE_RUN = ROOT / "tests" / "fixtures" / "run_v1"  # written by the pre-refactor code; read-only

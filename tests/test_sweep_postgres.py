@@ -56,6 +56,11 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _pid(trial: object) -> int:
+    """The process id of the worker that holds a trial (its `worker` attribute is host:pid)."""
+    return int(trial.user_attrs["worker"].rsplit(":", 1)[1])  # type: ignore[attr-defined]
+
+
 def test_two_workers_share_one_study_and_survive_a_killed_worker(postgres: str, tmp_path: Path) -> None:
     import optuna
     from optuna.trial import TrialState
@@ -97,14 +102,27 @@ def test_two_workers_share_one_study_and_survive_a_killed_worker(postgres: str, 
         except (KeyError, Exception):  # noqa: BLE001 - the first worker is still creating the study
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs]
-        pids = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running}
+        pids = {_pid(t) for t in running}
         both_running |= pids == {w.pid for w in workers}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if both_running and complete and running:
-            victim = next(w for w in workers if w.pid == int(running[0].user_attrs["worker"].rsplit(":", 1)[1]))
+            victim = next(w for w in workers if w.pid == _pid(running[0]))
+            # Freeze the victim, then read again: the trial seen running may have finished since the read above
+            # (a race that once failed CI). Kill only while the frozen worker holds a running trial past its
+            # suggestions (run_dir is set before them: a trial caught there has no or only some params).
+            victim.send_signal(signal.SIGSTOP)
+            now = optuna.load_study(study_name=spec.name, storage=storage).get_trials()
+            held = [
+                t
+                for t in now
+                if t.state == TrialState.RUNNING and t.params.keys() == spec.space.keys() and _pid(t) == victim.pid
+            ]
+            if not held:
+                victim.send_signal(signal.SIGCONT)
+                continue
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-            killed = running[0]
+            killed = held[0]
     assert killed is not None, [w.communicate(timeout=5)[0] if w.poll() is not None else "running" for w in workers]
     survivor = next(w for w in workers if w.returncode is None)
     out, _ = survivor.communicate(timeout=300)
