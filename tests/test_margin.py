@@ -63,11 +63,14 @@ def test_training_with_the_margin_moves_inputs_off_the_thresholds(tmp_path) -> N
     trivial way to meet it: every input far below the first threshold)."""
     base = dict(model="tiny", wbits=2, abits=2, train_subset=2048, batch_size=64, epochs=3, lr=0.02)
     train(TrainConfig(**base), tmp_path / "off", progress=False)
-    train(TrainConfig(**base, act_margin=10.0), tmp_path / "on", progress=False)
+    train(TrainConfig(**base, act_margin=20.0), tmp_path / "on", progress=False)
     x, _ = load_split("sample", "test").take(256, seed=1).tensors()
     (near_off, alive_off), (near_on, alive_on) = (_near_and_alive(tmp_path / r, x) for r in ("off", "on"))
-    assert near_on < 0.6 * near_off, (near_on, near_off)  # measured: 0.035 against 0.083
-    assert alive_on > 0.7 * alive_off, (alive_on, alive_off)  # measured: 0.31 against 0.31
+    # Measured with one and two torch threads (the runs differ in float order): near 0.026 and 0.023 against
+    # 0.068 and 0.083; alive 0.22 and 0.22 against 0.24 and 0.30. (At weight 10 the one-thread run kept 0.73x
+    # the near inputs: too close to the bound to test; at 30 the two-thread run lost a third of its activations.)
+    assert near_on < 0.6 * near_off, (near_on, near_off)
+    assert alive_on > 0.6 * alive_off, (alive_on, alive_off)
 
 
 def _levels_and_distances(model, x, tau: float, gen) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
