@@ -21,6 +21,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURE_RUN = ROOT / "tests" / "fixtures" / "run_v1"  # written by the pre-refactor code; read-only
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a slow test run first (in-file order kept): pytest-xdist hands out whole files in this
+    order, so the longest start early and the workers finish together instead of one waiting on the last."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "cifar10_test.npz").is_file():

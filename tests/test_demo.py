@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hw_dq.experiments.demo import run_demo
 
 N, N_HW = 64, 16
 
 
+@pytest.mark.slow  # 2-4 min on 2 shared cores
 def test_demo_end_to_end_small(tmp_path, capsys):
     summary = run_demo(tmp_path / "demo", epochs=1, n_eval=N, progress=False, n_hw=N_HW)
     rows = {r["variant"]: r for r in summary["rows"]}
