@@ -312,6 +312,23 @@ def test_where_the_certified_limit_is_matches_its_results() -> None:
     assert last < peak / 2  # the collapse the README reports
 
 
+def test_shallow_network_certificates_match_their_results() -> None:
+    """The tiny network's certificates are the README's, and the comparison it draws holds in the files:
+    more certified than the CNV at 1 and 2/255, at a higher clean accuracy, with narrow bounds; and the
+    training log shows no collapse (last test accuracy above two thirds of the peak; the CNV lost half)."""
+    t = _load("ibp_tiny_cpu/w4a4-x4/certified-hw.json")
+    cnv = _load("ibp_cnv_w4a4_cpu/relugrad48/certified-hw.json")
+    cert, c_cnv = ({e["eps"]: e["robust_acc"] for e in d["evaluations"]} for d in (t, cnv))
+    _says(f"keeps {_pct(t['clean_acc'])} clean on the")
+    _says(", ".join(_pct(cert[e]) for e in (1.0, 2.0, 4.0)) + f" and {_pct(cert[8.0])} at 1, 2,")
+    assert all(cert[e] > c_cnv[e] for e in (1.0, 2.0)) and t["clean_acc"] > cnv["clean_acc"]
+    vals = [cert[e] for e in sorted(cert)]
+    assert vals == sorted(vals, reverse=True) and vals[0] <= t["clean_acc"]
+    assert max(layer["mean_width"] for c in t["certified"] if c["eps"] == 2.0 for layer in c["layers"]) < 1.0
+    rows = [json.loads(line) for line in (RESULTS / "ibp_tiny_cpu/w4a4-x4/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["test_acc"] > 2 / 3 * max(r["test_acc"] for r in rows)
+
+
 def test_bit_width_screen_rows_match_their_results() -> None:
     """Which bit width costs w2a2 its robustness: the README's three figures are the screen's, and the order
     the README's advice rests on (2-bit activations cost more than 2-bit weights) holds in the results."""
