@@ -327,6 +327,14 @@ def test_shallow_network_certificates_match_their_results() -> None:
     assert max(layer["mean_width"] for c in t["certified"] if c["eps"] == 2.0 for layer in c["layers"]) < 1.0
     rows = [json.loads(line) for line in (RESULTS / "ibp_tiny_cpu/w4a4-x4/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test_acc"] > 2 / 3 * max(r["test_acc"] for r in rows)
+    w2, w2_cnv = (
+        _load("ibp_tiny_cpu/w2a2-x4-20/certified-hw.json"),
+        _load("ibp_cnv_w4a4_cpu/w2a2_relugrad44/certified-hw.json"),
+    )
+    c2, c2_cnv = ({e["eps"]: e["robust_acc"] for e in d["evaluations"]} for d in (w2, w2_cnv))
+    _says(f"it certifies {_pct(c2[2.0])} at 2/255 at {_pct(w2['clean_acc'])} clean (the CNV:")
+    _says(f"{_pct(c2_cnv[2.0])} at {_pct(w2_cnv['clean_acc'])})")
+    assert c2[2.0] > c2_cnv[2.0] and w2["clean_acc"] > w2_cnv["clean_acc"]
 
 
 def test_bit_width_screen_rows_match_their_results() -> None:
