@@ -22,9 +22,10 @@ EPS = 8.0
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hwatk") / "tiny"
+    # lr 0.01: at 0.05 a one-thread run collapsed to one class, leaving HopSkipJump no start
     cfg = TrainConfig(
         model="tiny", wbits=2, abits=2, epochs=2, train_subset=2048, test_subset=64, batch_size=64, lr=0.01
-    )  # fmt: skip (at 0.05 a one-thread run collapsed to one class)
+    )
     train(cfg, run, progress=False)
     build_run(run, "Pynq-Z1", target_fps=1000)
     return run
@@ -171,8 +172,8 @@ def test_attack_hw_without_the_layer_search_counts_the_same(tiny_build):
 
 def test_hsj_is_sound_and_repeatable_from_its_seed(tiny_build):
     """While no image reaches the cap, each HopSkipJump example is its clean image or one the accelerator
-    labels otherwise than the clean image; a second run from the same seed on part of the batch gives those images the
-    same examples (ART's own start is unseeded: hw_hsj draws it), and another seed moves some image."""
+    labels otherwise than the clean image; a second run from the same seed on part of the batch gives those
+    images the same examples (ART's own start is unseeded: hw_hsj draws it), and another seed moves some image."""
     from hw_dq.fpga.hwattack import hw_hsj
     from hw_dq.robust.attacks import AttackParams
 

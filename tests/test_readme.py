@@ -35,6 +35,11 @@ def _table(header_start: str) -> list[list[str]]:
     return rows
 
 
+def _cert(d: dict[str, Any]) -> dict[float, float]:
+    """A certify results file's certified accuracy by eps."""
+    return {e["eps"]: e["robust_acc"] for e in d["evaluations"]}
+
+
 def _says(*texts: str) -> None:
     for t in texts:
         assert t in " ".join(README.split()), f"README does not say {t!r} (as the committed result gives it)"
@@ -279,9 +284,9 @@ def test_cnv_certificates_match_their_results_files() -> None:
     w4 = _load("ibp_cnv_w4a4_cpu/relugrad48/certified-hw.json")
     w2 = _load("ibp_cnv_w4a4_cpu/w2a2_relugrad44/certified-hw.json")
     before = _load("ibp_cnv_w4a4_cpu/certified-hw.json")
-    cert = {e["eps"]: e["robust_acc"] for e in w4["evaluations"]}
+    cert = _cert(w4)
     _says(", ".join(_pct(cert[e]) for e in (1.0, 2.0, 4.0)) + f" and {_pct(cert[8.0])} at 1, 2, 4 and 8/255")
-    c2 = {e["eps"]: e["robust_acc"] for e in w2["evaluations"]}
+    c2 = _cert(w2)
     _says(f"certifies {_pct(c2[2.0])} at 2/255 and {_pct(c2[8.0])}", f"at {_pct(w2['clean_acc'])} clean")
     _says(f"Clean accuracy fell to {_pct(w4['clean_acc'])}")
     for d in (w4, w2):
@@ -298,7 +303,7 @@ def test_where_the_certified_limit_is_matches_its_results() -> None:
     is the one the README compares, above the w4a4 run's: the claim that full precision does only a little
     better rests on these numbers."""
     k = _load("ibp_cnv_w4a4_cpu/kappa05/certified-hw.json")
-    cert = {e["eps"]: e["robust_acc"] for e in k["evaluations"]}
+    cert = _cert(k)
     _says(f"`kappa05/`) keeps {_pct(k['clean_acc'])} clean, and certifies {_pct(cert[2.0])} at 2/255")
     runs = _load("ibp_growth_trained.json")["runs"]
     fp, w4 = (runs[f"runs/ibp-cpu/{r}"]["radii"]["2.2"]["certified"] for r in ("fp-relugrad48", "w4a4-relugrad48"))
@@ -318,7 +323,7 @@ def test_shallow_network_certificates_match_their_results() -> None:
     training log shows no collapse (last test accuracy above two thirds of the peak; the CNV lost half)."""
     t = _load("ibp_tiny_cpu/w4a4-x4/certified-hw.json")
     cnv = _load("ibp_cnv_w4a4_cpu/relugrad48/certified-hw.json")
-    cert, c_cnv = ({e["eps"]: e["robust_acc"] for e in d["evaluations"]} for d in (t, cnv))
+    cert, c_cnv = _cert(t), _cert(cnv)
     _says(f"keeps {_pct(t['clean_acc'])} clean on the")
     _says(", ".join(_pct(cert[e]) for e in (1.0, 2.0, 4.0)) + f" and {_pct(cert[8.0])} at 1, 2,")
     assert all(cert[e] > c_cnv[e] for e in (1.0, 2.0)) and t["clean_acc"] > cnv["clean_acc"]
@@ -331,7 +336,7 @@ def test_shallow_network_certificates_match_their_results() -> None:
         _load("ibp_tiny_cpu/w2a2-x4-20/certified-hw.json"),
         _load("ibp_cnv_w4a4_cpu/w2a2_relugrad44/certified-hw.json"),
     )
-    c2, c2_cnv = ({e["eps"]: e["robust_acc"] for e in d["evaluations"]} for d in (w2, w2_cnv))
+    c2, c2_cnv = _cert(w2), _cert(w2_cnv)
     _says(f"it certifies {_pct(c2[2.0])} at 2/255 at {_pct(w2['clean_acc'])} clean (the CNV:")
     _says(f"{_pct(c2_cnv[2.0])} at {_pct(w2_cnv['clean_acc'])})")
     assert c2[2.0] > c2_cnv[2.0] and w2["clean_acc"] > w2_cnv["clean_acc"]
