@@ -155,6 +155,9 @@ def test_cli_certify_writes_a_schema_result(tiny_build):
     assert r["target"] == "hw-certified" and r["sanity"]["verdict"] == "pass"
     accs = [b["certified_acc"] for b in r["certified"]]
     assert accs[0] == r["clean_acc"] and accs[0] >= accs[1] >= accs[2]
+    # per image: which were certified, so an attack result on the same images can be checked against it
+    assert [e["robust_mask"].count("1") for e in r["evaluations"]] == [b["n_certified"] for b in r["certified"]]
+    assert all(len(e["robust_mask"]) == 48 for e in r["evaluations"])
     layers = {row["layer"]: row for row in r["certified"][2]["layers"]}
     assert len(layers) == 2 and all(row["mean_width"] > 0 and row["growth"] is not None for row in layers.values())
     assert (tiny_build / "attacks" / "certified-hw.md").is_file()

@@ -114,3 +114,22 @@ def test_worst_case_names_the_attacks_it_cannot_combine_image_by_image():
     r = example()
     r.update(worst_case=[w])
     assert "not combined (other image count): hsj (n=4)" in describe(r)
+
+
+def test_certificate_violations_are_the_certified_images_an_attack_broke():
+    from hw_dq.robust.results import certificate_violations
+
+    def result(masks: dict[str, str], n: int = 10, seed: int = 0) -> dict:
+        ev = [{"attack": a, "norm": "Linf", "eps": 2.0, "robust_acc": m.count("1") / n, "robust_mask": m}
+              for a, m in masks.items()]  # fmt: skip
+        return {"n_examples": n, "seed": seed, "evaluations": ev}
+
+    cert = result({"interval-certificate": "1100100000"})
+    attacked = result({"pgd": "1110101010", "square": "1101100011"})
+    assert certificate_violations(cert, attacked, 2.0) == []  # 0, 1 and 4 survive both attacks
+    broken = result({"pgd": "1110001010", "square": "1011100011"})
+    assert certificate_violations(cert, broken, 2.0) == [1, 4]  # square broke 1, pgd broke 4
+    with pytest.raises(SchemaError, match="same --n and --seed"):
+        certificate_violations(cert, result({"pgd": "1" * 12}, n=12), 2.0)
+    with pytest.raises(SchemaError, match="no per-image flags at eps 8"):
+        certificate_violations(cert, attacked, 8.0)

@@ -481,6 +481,7 @@ def certify_run(
             "params": {"method": "integer interval bounds through the FINN graph (hw_dq.fpga.certify)",
                        "sound": True, "last_layer": "logit differences" if cert.tail else "per-logit bounds"},
             "breakdown": {"n_certified": int(batch.certified.sum()), "bound_s": round(wall, 4)},
+            "robust_mask": "".join("1" if v else "0" for v in batch.certified),  # "1" = certified
         })  # fmt: skip
         if progress:
             print(f"  certified @ {e:g}/255: {100 * acc:.1f}% ({wall:.2f} s)", flush=True)

@@ -321,3 +321,25 @@ def worst_cases(evaluations: Sequence[dict]) -> list[dict[str, Any]]:
     """:func:`worst_case` at every (eps, norm) evaluated, in eps order."""
     keys = sorted({(float(e["eps"]), e.get("norm", "Linf")) for e in evaluations}, key=lambda k: (k[1], k[0]))
     return [w for e, nm in keys if (w := worst_case(evaluations, e, nm)) is not None]
+
+
+def certificate_violations(certified: dict[str, Any], attacked: dict[str, Any], eps: float) -> list[int]:
+    """Images a certificate accepts at ``eps`` that an attack in ``attacked`` broke (a sound
+    certificate has none). Both results must hold per-image flags over the same images (same
+    ``n_examples`` and ``seed``); raises :class:`SchemaError` when they cannot be compared."""
+    n, seed = certified.get("n_examples"), certified.get("seed")
+    if (attacked.get("n_examples"), attacked.get("seed")) != (n, seed):
+        raise SchemaError(
+            f"the certificate ran on {n} images (seed {seed}), the attacks on {attacked.get('n_examples')} "
+            f"(seed {attacked.get('seed')}): run both with the same --n and --seed"
+        )
+
+    def masks(r: dict[str, Any]) -> list[str]:
+        return [e["robust_mask"] for e in r["evaluations"] if abs(float(e["eps"]) - eps) < 1e-9
+                and e.get("norm", "Linf") == "Linf" and len(e.get("robust_mask") or "") == n]  # fmt: skip
+
+    cert, atk = masks(certified), masks(attacked)
+    if not cert or not atk:
+        which = "certificate" if not cert else "attack result"
+        raise SchemaError(f"the {which} has no per-image flags at eps {eps:g}/255 over {n} images")
+    return [i for i in range(n) if cert[0][i] == "1" and any(m[i] == "0" for m in atk)]
