@@ -412,3 +412,28 @@ def test_threshold_and_recipe_screen_rows_match_their_results() -> None:
     rows = ("trades3-lr005-w2a2e8", "eps12-lr005-w2a2e8", "margin10-lr005-w2a2e8", "margin3-lr005-w2a2e8",
             "noise05-lr005-w2a2e8")  # fmt: skip
     assert all(a[k] - base <= tolerance(base, n, 0.0) for k in rows)
+
+
+def test_certified_beside_empirical_matches_its_results_and_is_sound_image_by_image() -> None:
+    """The larger-learning-rate tiny run: the README's certificates are the files', the gain over the first
+    run at 2/255 stays within two standard errors (what the README says), and on the same 500 images no
+    image the certificate accepts is broken by any of the seven attacks (per-image flags)."""
+    from hw_dq.robust.evaluate import worst_case
+    from hw_dq.robust.results import certificate_violations
+
+    d = "ibp_tiny_cpu/w4a4-x4-lr2e3"
+    full, base = _load(f"{d}/certified-hw.json"), _load("ibp_tiny_cpu/w4a4-x4/certified-hw.json")
+    c, c0 = _cert(full), _cert(base)
+    _says(f"it keeps {_pct(full['clean_acc'])} clean and certifies", ", ".join(_pct(c[e]) for e in (1.0, 2.0, 4.0)))
+    p, n = (c[2.0] + c0[2.0]) / 2, full["n_examples"]
+    assert 0 < c[2.0] - c0[2.0] < 2 * (2 * p * (1 - p) / n) ** 0.5
+    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
+    c500 = _cert(cert)
+    for eps in (2.0, 8.0):
+        worst = worst_case(sw["evaluations"] + hw["evaluations"], eps)
+        assert worst["n_examples"] == cert["n_examples"] == 500 and len(worst["attacks"]) == 7
+        assert c500[eps] < worst["robust_acc"]
+        assert certificate_violations(cert, sw, eps) == [] and certificate_violations(cert, hw, eps) == []
+        _says(f"{_pct(c500[eps])} at {eps:g}/255" if eps == 8.0 else f"accepts {_pct(c500[eps])} at 2/255")
+    w2, w8 = (worst_case(sw["evaluations"] + hw["evaluations"], e)["robust_acc"] for e in (2.0, 8.0))
+    _says(f"leaves {_pct(w2)} and {_pct(w8)}")

@@ -8,7 +8,7 @@ import pytest
 
 from hw_dq.errors import ConfigError
 from hw_dq.experiments.reproduce import Scale, plan, reproduce
-from hw_dq.robust.results import load
+from hw_dq.robust.results import certificate_violations, load
 
 MICRO = Scale(
     data="sample", train_subset=256, width=0.125, fp_epochs=1, q_epochs=1, batch_size=64, abits=[2],
@@ -118,6 +118,7 @@ def test_micro_reproduction_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert cert["target"] == "hw-certified" and cert["n_examples"] == hw["n_examples"]
     # a certificate is a floor under every attack on the same accelerator and images
     assert cert["evaluations"][0]["robust_acc"] <= hw["headline"]["robust_acc"]
+    assert certificate_violations(cert, hw, 8.0) == []  # image by image, not only in the totals
     md = (out / "summary.md").read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith("| vq-a2 |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]  # model, clean, worst case, accelerator, certified
