@@ -437,3 +437,18 @@ def test_certified_beside_empirical_matches_its_results_and_is_sound_image_by_im
         _says(f"{_pct(c500[eps])} at {eps:g}/255" if eps == 8.0 else f"accepts {_pct(c500[eps])} at 2/255")
     w2, w8 = (worst_case(sw["evaluations"] + hw["evaluations"], e)["robust_acc"] for e in (2.0, 8.0))
     _says(f"leaves {_pct(w2)} and {_pct(w8)}")
+
+
+def test_reference_autoattack_breaks_no_certified_image() -> None:
+    """The batch-32 tiny run: the full reference AutoAttack (with FGSM, PGD, BPDA, temperature PGD) and the
+    certificate on the same 500 images; the README's figures are the files', and soundness holds per image."""
+    from hw_dq.robust.results import certificate_violations
+
+    d = "ibp_tiny_cpu/w4a4-x4-bs32"
+    cert, sw = _load(f"{d}/certified-hw-500.json"), _load(f"{d}/robustness.json")
+    aa = {e["eps"]: e for e in sw["evaluations"] if e["attack"] == "autoattack"}
+    assert aa[2.0]["params"]["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    c = _cert(cert)
+    _says(f"full reference AutoAttack leaves {_pct(aa[2.0]['robust_acc'])} at 2/255 against a certified {_pct(c[2.0])}")
+    for eps in (2.0, 8.0):
+        assert c[eps] < aa[eps]["robust_acc"] and certificate_violations(cert, sw, eps) == []
