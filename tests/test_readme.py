@@ -429,14 +429,13 @@ def test_certified_beside_empirical_matches_its_results_and_is_sound_image_by_im
     assert 0 < c[2.0] - c0[2.0] < 2 * (2 * p * (1 - p) / n) ** 0.5
     cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
     c500 = _cert(cert)
-    for eps in (2.0, 8.0):
-        worst = worst_case(sw["evaluations"] + hw["evaluations"], eps)
+    worsts = {eps: worst_case(sw["evaluations"] + hw["evaluations"], eps) for eps in (2.0, 8.0)}
+    for eps, worst in worsts.items():
         assert worst["n_examples"] == cert["n_examples"] == 500 and len(worst["attacks"]) == 7
         assert c500[eps] < worst["robust_acc"]
         assert certificate_violations(cert, sw, eps) == [] and certificate_violations(cert, hw, eps) == []
         _says(f"{_pct(c500[eps])} at {eps:g}/255" if eps == 8.0 else f"accepts {_pct(c500[eps])} at 2/255")
-    w2, w8 = (worst_case(sw["evaluations"] + hw["evaluations"], e)["robust_acc"] for e in (2.0, 8.0))
-    _says(f"leaves {_pct(w2)} and {_pct(w8)}")
+    _says(f"leaves {_pct(worsts[2.0]['robust_acc'])} and {_pct(worsts[8.0]['robust_acc'])}")
 
 
 def test_reference_autoattack_breaks_no_certified_image() -> None:

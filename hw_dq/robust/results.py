@@ -289,6 +289,12 @@ def describe(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flagged(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> list[dict]:
+    """The evaluations at (``eps``, ``norm``) that kept per-image flags."""
+    at = (e for e in evaluations if e.get("norm", "Linf") == norm and abs(float(e["eps"]) - eps) < 1e-9)
+    return [e for e in at if e.get("robust_mask")]
+
+
 def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> dict[str, Any] | None:
     """Per-image worst case over the evaluations at (``eps``, ``norm``) that kept per-image flags.
 
@@ -298,11 +304,7 @@ def worst_case(evaluations: Sequence[dict], eps: float, norm: str = "Linf") -> d
     Returns ``{"eps", "norm", "robust_acc", "n_examples", "attacks", "per_attack"[, "excluded"]}``
     or None when no evaluation at that eps has flags.
     """
-    at = [
-        e
-        for e in evaluations
-        if e.get("norm", "Linf") == norm and abs(float(e["eps"]) - eps) < 1e-9 and e.get("robust_mask")
-    ]
+    at = _flagged(evaluations, eps, norm)
     if not at:
         return None
     sizes = Counter(len(e["robust_mask"]) for e in at)
@@ -333,12 +335,8 @@ def certificate_violations(certified: dict[str, Any], attacked: dict[str, Any], 
             f"the certificate ran on {n} images (seed {seed}), the attacks on {attacked.get('n_examples')} "
             f"(seed {attacked.get('seed')}): run both with the same --n and --seed"
         )
-
-    def masks(r: dict[str, Any]) -> list[str]:
-        return [e["robust_mask"] for e in r["evaluations"] if abs(float(e["eps"]) - eps) < 1e-9
-                and e.get("norm", "Linf") == "Linf" and len(e.get("robust_mask") or "") == n]  # fmt: skip
-
-    cert, atk = masks(certified), masks(attacked)
+    cert, atk = ([e["robust_mask"] for e in _flagged(r["evaluations"], eps) if len(e["robust_mask"]) == n]
+                 for r in (certified, attacked))  # fmt: skip
     if not cert or not atk:
         which = "certificate" if not cert else "attack result"
         raise SchemaError(f"the {which} has no per-image flags at eps {eps:g}/255 over {n} images")
