@@ -19,6 +19,9 @@ never redone, a killed training run or AutoAttack evaluation continues where it 
 DATA_DIR holds ``cifar10_train_part1.npz`` and ``cifar10_test.npz`` as written by
 ``benchmarks/cifar_subset.py`` (the 1,000 evaluation images are the ones the reproduction uses).
 Results: ``WORK_DIR/robust_gpu.json`` (copied to OUT_DIR with the run directories' small files).
+
+(One script past 400 lines: a lent device runs it as one resumable program whose plans, steps, claims
+and report share the bookkeeping of that one result file.)
 """
 
 from __future__ import annotations

@@ -29,8 +29,15 @@ from hw_dq.errors import CheckpointError, ConfigError
 from hw_dq.nn import lipschitz
 from hw_dq.nn.ibp import certified_fraction, ibp_init_, project_rows_
 from hw_dq.nn.models import model_from_config
-from hw_dq.nn.quant import QUANT_SCHEME, LearnedRange, check_ranges
+from hw_dq.nn.quant import check_ranges
 from hw_dq.train import adversarial as adv
+from hw_dq.train.checkpoint import (
+    checkpoint_tensors,
+    init_from,
+    restore_model,
+    restore_optimizer,
+    teacher_model,
+)
 from hw_dq.train.config import ADV_TRAIN, SCHEDULES, TrainConfig, stored_config
 from hw_dq.train.step import training_loss
 
@@ -88,88 +95,6 @@ def _resolve_device(cfg: TrainConfig, d: _Dist) -> str:
     if cfg.device == "auto" and d.world > 1 and torch.cuda.is_available():
         return f"cuda:{d.local_rank}"
     return rd.resolve_device(cfg.device)
-
-
-def _calibration_state(model: nn.Module) -> dict[str, nn.Module]:
-    """Learned activation ranges whose statistics-calibration counter and running buffer live outside
-    Brevitas' state_dict: a checkpoint must carry them, or a resumed run calibrates differently."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LearnedRange)}
-
-
-def _checkpoint_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    t = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(opt.param_groups[0]["params"]):  # SGD's momentum, Adam's moments and step count
-        for k, v in opt.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor):
-                t[f"optim.{i}.{k}"] = v
-    for n, m in _calibration_state(model).items():
-        t[f"calib.{n}.counter"] = torch.tensor([int(m.counter)])
-        t[f"calib.{n}.buffer"] = m.buffer.detach().clone()
-        # during calibration Brevitas' state_dict stores the running statistic as the value
-        t[f"calib.{n}.value"] = m.value.detach().clone()
-    return t
-
-
-def _restore_model(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    rd.load_state(model, state, path)
-    for n, m in _calibration_state(model).items():
-        if f"calib.{n}.counter" in tensors:
-            m.counter = int(tensors[f"calib.{n}.counter"][0])
-            with torch.no_grad():
-                m.buffer.copy_(tensors[f"calib.{n}.buffer"])
-                m.value.copy_(tensors[f"calib.{n}.value"])
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    by_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            i, name = key[6:].split(".", 1)
-            by_param.setdefault(int(i), {})[name] = v
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        for name, v in by_param.get(i, {}).items():  # Adam keeps its step count on the CPU
-            opt.state[p][name] = v.clone() if name == "step" else v.to(p.device).clone()
-
-
-# model-section fields that must agree between a run and the run it starts from (bits may differ:
-# fine-tuning a quantized model from its full-precision twin is the point of --init-from)
-_SAME_ARCH = ("name", "width", "depth", "in_channels", "num_classes")
-
-
-def _init_from(model: nn.Module, src: str, mcfg: dict[str, Any], scheme_here: str) -> None:
-    path = Path(src)
-    if path.is_dir():
-        cfg_src = rd.read_json(path / rd.CONFIG) if (path / rd.CONFIG).is_file() else None
-        if cfg_src is not None:
-            other = cfg_src.get("model", {})
-            diff = [k for k in _SAME_ARCH if k in other and other[k] != mcfg.get(k)]
-            if diff:
-                k = diff[0]
-                raise ConfigError(
-                    f"--init-from {src} is a different architecture ({k} {other[k]!r} there, {mcfg.get(k)!r} here); "
-                    "start from a run of the same model, width and data"
-                )
-            scheme = cfg_src.get("quant_scheme", QUANT_SCHEME)
-            if scheme != scheme_here and (other.get("wbits"), other.get("abits")) != (None, None):
-                raise ConfigError(
-                    f"--init-from {src} was trained under quantizers '{scheme}', not '{scheme_here}'; retrain it"
-                )
-        path = path / rd.MODEL
-    tensors, _ = rd.load_tensors(path)
-    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    rd.load_state(model, state, path)
-
-
-def _teacher(src: str, num_classes: int, device: str) -> nn.Module:
-    """rslad's teacher: a finished run's model, frozen in eval mode; a one-line error for anything else."""
-    path = Path(src)
-    if not (path / rd.MODEL).is_file() or not (path / rd.CONFIG).is_file():
-        raise ConfigError(f"--teacher {src} is not a finished training run (no {rd.MODEL}); train it first")
-    teacher, tcfg = rd.load_model(path, device=device)
-    if tcfg.get("model", {}).get("num_classes", num_classes) != num_classes:
-        raise ConfigError(f"--teacher {src} predicts {tcfg['model']['num_classes']} classes, not {num_classes}")
-    return teacher.requires_grad_(False)
 
 
 def _prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
@@ -302,21 +227,21 @@ def fit(
     mcfg = cfg.model_config(data.shape[0], data.num_classes)
     model = model_from_config(mcfg).to(device)
     if cfg.init_from and not (resume and (run / rd.CHECKPOINT).exists()):
-        _init_from(model, cfg.init_from, mcfg.to_dict(), mcfg.quant_scheme)
+        init_from(model, cfg.init_from, mcfg.to_dict(), mcfg.quant_scheme)
     start_epoch, start_step, sums = 0, 0, {}
     resumed: dict[str, torch.Tensor] | None = None
     if resume and (run / rd.CHECKPOINT).exists():
         resumed, meta = rd.load_tensors(run / rd.CHECKPOINT)
         # the model first: Brevitas may re-create a quantizer's parameter while loading, and the
         # optimizer must hold the parameters the forward pass uses
-        _restore_model(model, resumed, run / rd.CHECKPOINT)
+        restore_model(model, resumed, run / rd.CHECKPOINT)
         start_epoch, start_step, sums = meta["epoch"], meta["step"], meta.get("sums", {})
         if meta.get("done"):
             if dist_.main and not (run / rd.MODEL).is_file():  # killed between the last checkpoint and the weights
                 _finish_best(model, cfg, run, data)
             model.eval()
             return model, (rd.read_jsonl(run / rd.METRICS) or [{}])[-1]
-    teacher = _teacher(cfg.teacher, data.num_classes, device) if cfg.teacher else None
+    teacher = teacher_model(cfg.teacher, data.num_classes, device) if cfg.teacher else None
     if cfg.ibp_init and resumed is None:
         ibp_init_(model)
     if cfg.optimizer == "adam":
@@ -327,7 +252,7 @@ def fit(
             nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay,
         )  # fmt: skip
     if resumed is not None:
-        _restore_optimizer(opt, resumed)
+        restore_optimizer(opt, resumed)
     if dist_.main:
         run.mkdir(parents=True, exist_ok=True)
         rd.write_json(run / rd.CONFIG, run_config(cfg, data.shape[0], data.num_classes))
@@ -345,7 +270,7 @@ def fit(
     def save(epoch: int, step: int, sums: dict, done: bool = False) -> None:
         if dist_.main:
             meta = {"epoch": epoch, "step": step, "sums": sums, "done": done, "config": asdict(cfg)}
-            rd.save_tensors(run / rd.CHECKPOINT, _checkpoint_tensors(model, opt), meta)
+            rd.save_tensors(run / rd.CHECKPOINT, checkpoint_tensors(model, opt), meta)
 
     reg_layers = lipschitz.lipschitz_layers(model)  # found once, not on every step
     key = selection_key(cfg)
