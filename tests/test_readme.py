@@ -451,3 +451,26 @@ def test_reference_autoattack_breaks_no_certified_image() -> None:
     _says(f"full reference AutoAttack leaves {_pct(aa[2.0]['robust_acc'])} at 2/255 against a certified {_pct(c[2.0])}")
     for eps in (2.0, 8.0):
         assert c[eps] < aa[eps]["robust_acc"] and certificate_violations(cert, sw, eps) == []
+
+
+def test_width_at_the_same_budget_matches_its_results() -> None:
+    """Width 4, 6 and 8 at 12 epochs: the README's certificates are the files', and what it concludes holds
+    in them: the three lie within two standard errors at 2/255, the widest is no better than the narrowest,
+    train accuracy ends below test accuracy in each, throughput falls with width, and the 30-epoch run of
+    width 4 certifies more than the 12-epoch one."""
+    runs = {w: f"ibp_tiny_cpu/w4a4-x{w}-12" for w in (4, 6, 8)}
+    cert = {w: _cert(_load(f"{d}/certified-hw.json")) for w, d in runs.items()}
+    _says(f"certify {_pct(cert[4][2.0])}, {_pct(cert[6][2.0])} and {_pct(cert[8][2.0])} at 2/255, within two")
+    at2 = [c[2.0] for c in cert.values()]
+    p, n = sum(at2) / 3, _load(f"{runs[4]}/certified-hw.json")["n_examples"]
+    assert max(at2) - min(at2) < 2 * (2 * p * (1 - p) / n) ** 0.5 and cert[8][2.0] <= cert[4][2.0]
+    for d in runs.values():
+        last = json.loads((RESULTS / d / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["epoch"] == 11 and last["train_acc"] < last["test_acc"]
+    reports = [(RESULTS / d / "build-report.md").read_text() for d in runs.values()]
+    fps = [int(re.search(r"throughput \*\*([\d,]+) FPS", r)[1].replace(",", "")) for r in reports]
+    assert fps == sorted(fps, reverse=True)
+    _says(f"falls from {fps[0]:,} to {fps[-1]:,}")
+    long = _cert(_load("ibp_tiny_cpu/w4a4-x4-lr2e3/certified-hw.json"))
+    assert long[2.0] > cert[4][2.0]
+    _says(f"The 30-epoch width-4 run certifies {_pct(long[2.0])}")
