@@ -459,10 +459,11 @@ def test_width_at_the_same_budget_matches_its_results() -> None:
     train accuracy ends below test accuracy in each, throughput falls with width, and the 30-epoch run of
     width 4 certifies more than the 12-epoch one."""
     runs = {w: f"ibp_tiny_cpu/w4a4-x{w}-12" for w in (4, 6, 8)}
-    cert = {w: _cert(_load(f"{d}/certified-hw.json")) for w, d in runs.items()}
+    files = {w: _load(f"{d}/certified-hw.json") for w, d in runs.items()}
+    cert = {w: _cert(f) for w, f in files.items()}
     _says(f"certify {_pct(cert[4][2.0])}, {_pct(cert[6][2.0])} and {_pct(cert[8][2.0])} at 2/255, within two")
     at2 = [c[2.0] for c in cert.values()]
-    p, n = sum(at2) / 3, _load(f"{runs[4]}/certified-hw.json")["n_examples"]
+    p, n = sum(at2) / 3, files[4]["n_examples"]
     assert max(at2) - min(at2) < 2 * (2 * p * (1 - p) / n) ** 0.5 and cert[8][2.0] <= cert[4][2.0]
     for d in runs.values():
         last = json.loads((RESULTS / d / "metrics.jsonl").read_text().splitlines()[-1])
