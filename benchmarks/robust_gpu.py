@@ -9,9 +9,10 @@ never redone, a killed training run or AutoAttack evaluation continues where it 
   and budget, and one hard-constraint variant (per-step spectral projection of the BN-folded operator).
 * ``gs`` (GPU scale: full-width CNV, every training image carried to the device): FP+AT and w2a2+AT.
 * ``--arm cert``: certified training (IBP, the recipe the CPU runs certified with,
-  ``benchmarks/results/ibp_cnv_w4a4_cpu/``) of the half-width CNV on every training image at w4a4 and
-  w2a2, then each accelerator's integer interval certificate at 1, 2, 4 and 8/255 beside the PyTorch
-  model's per-image worst case at 2 and 8/255 (issue: >= 40% certified at 2/255 for the half-width CNV).
+  ``benchmarks/results/ibp_tiny_cpu/``) on every training image at w4a4 and w2a2, the tiny model at
+  width 4 first (the CPU runs' best certificate), then the half-width CNV; each accelerator's integer
+  interval certificate at 1, 2, 4 and 8/255 beside the PyTorch model's per-image worst case at 2 and
+  8/255 (issue: >= 40% certified at 2/255).
 
     python -m benchmarks.robust_gpu --data DATA_DIR --work WORK_DIR [--out OUT_DIR] [--budget-s 480]
     python -m benchmarks.robust_gpu --smoke --data DATA_DIR --work /tmp/smoke   # minutes on a CPU
@@ -133,14 +134,25 @@ IBP = {"adv_train": "ibp", "adv_eps": 2.2, "act_range": "fixed", "ibp_kappa": 0.
        "ibp_warmup": 0.05, "ibp_ramp": 0.5, "ibp_relax_input": True, "ibp_relu_grad": True, "batch_size": 256,
        "seed": 0, "robust_eval_n": 500}  # fmt: skip
 CERT = {"model": "cnv", "width": 0.5, "data": "cifar10", "epochs": 60, **IBP}
+# the CPU runs' best certificate (benchmarks/results/ibp_tiny_cpu/): the tiny model at width 4, lr 2e-3, batch 128
+TINY = {**CERT, "model": "tiny", "width": 4.0, "lr": 0.002, "batch_size": 128}
 CERT_EPS = (1.0, 2.0, 4.0, 8.0)
 
 
 def plan_cert() -> list[Step]:
-    """Certified training at the CPU scale's width on every training image: w4a4 first (the CPU runs'
-    best certificate), w2a2, then the float model as the reference (its certificate is the float one the
-    training loop keeps); each quantized model's accelerator certificate, then its empirical worst case."""
+    """Certified training on every training image: the tiny model first (at CPU scale it certifies twice what
+    the half-width CNV does, ``benchmarks/results/ibp_tiny_cpu/README.md``), w4a4 then w2a2, then the same for
+    the half-width CNV, then the float CNV as the reference (its certificate is the float one the training
+    loop keeps); each quantized model's accelerator certificate, then its empirical worst case."""
     return [
+        Step("train", "ct-tiny-w4a4-ibp", {**TINY, "wbits": 4, "abits": 4}),
+        Step("cert", "ct-tiny-w4a4-ibp", eps=2.0),
+        Step("train", "ct-tiny-w2a2-ibp", {**TINY, "wbits": 2, "abits": 2}),
+        Step("cert", "ct-tiny-w2a2-ibp", eps=2.0),
+        Step("eval", "ct-tiny-w4a4-ibp", eps=2.0),
+        Step("eval", "ct-tiny-w4a4-ibp", eps=8.0),
+        Step("eval", "ct-tiny-w2a2-ibp", eps=2.0),
+        Step("eval", "ct-tiny-w2a2-ibp", eps=8.0),
         Step("train", "ct-w4a4-ibp", {**CERT, "wbits": 4, "abits": 4}),
         Step("cert", "ct-w4a4-ibp", eps=2.0),
         Step("train", "ct-w2a2-ibp", {**CERT, "wbits": 2, "abits": 2}),
