@@ -514,3 +514,26 @@ def test_all_training_images_at_the_same_budget_match_their_results() -> None:
     worst = worst_case(evals, 2.0)
     assert len(worst["attacks"]) == 7 and worst["robust_acc"] < 0.40
     _says(f"over seven attacks is {_pct(worst['robust_acc'])} at 2/255")
+
+
+def test_w2a2_certificate_lies_within_a_point_of_seven_attacks() -> None:
+    """The all-images w2a2 run on 500 images: no image the certificate accepts is broken by any of the seven
+    attacks, the certificate lies under the per-image worst case by at most 1 point at 2/255 (what the README
+    says), and Square on the accelerator leaves less than the best gradient attack at 8/255."""
+    from hw_dq.robust.evaluate import worst_case
+    from hw_dq.robust.results import certificate_violations
+
+    d = "ibp_tiny_cpu/w2a2-x4-50k-6"
+    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
+    c = _cert(cert)
+    worst = {e: worst_case(sw["evaluations"] + hw["evaluations"], e) for e in (2.0, 8.0)}
+    for e, w in worst.items():
+        assert w["n_examples"] == cert["n_examples"] == 500 and len(w["attacks"]) == 7
+        assert c[e] <= w["robust_acc"]
+        assert certificate_violations(cert, sw, e) == [] and certificate_violations(cert, hw, e) == []
+    assert worst[2.0]["robust_acc"] - c[2.0] <= 0.01 + 1e-9
+    gradient = worst_case(sw["evaluations"], 8.0)["robust_acc"]
+    square = next(v["robust_acc"] for v in hw["evaluations"] if v["attack"] == "square" and v["eps"] == 8.0)
+    assert square < gradient
+    _says(f"leave {_pct(worst[2.0]['robust_acc'])} at 2/255 against a certified {_pct(c[2.0])}",
+          f"({_pct(gradient)} against Square's {_pct(square)} on the accelerator)")  # fmt: skip
