@@ -40,6 +40,12 @@ def _cert(d: dict[str, Any]) -> dict[float, float]:
     return {e["eps"]: e["robust_acc"] for e in d["evaluations"]}
 
 
+def _two_se(a: float, b: float, n: int) -> float:
+    """Two standard errors of the difference of two accuracies, each on ``n`` images."""
+    p = (a + b) / 2
+    return 2 * (2 * p * (1 - p) / n) ** 0.5
+
+
 def _says(*texts: str) -> None:
     for t in texts:
         assert t in " ".join(README.split()), f"README does not say {t!r} (as the committed result gives it)"
@@ -425,8 +431,7 @@ def test_certified_beside_empirical_matches_its_results_and_is_sound_image_by_im
     full, base = _load(f"{d}/certified-hw.json"), _load("ibp_tiny_cpu/w4a4-x4/certified-hw.json")
     c, c0 = _cert(full), _cert(base)
     _says(f"it keeps {_pct(full['clean_acc'])} clean and certifies", ", ".join(_pct(c[e]) for e in (1.0, 2.0, 4.0)))
-    p, n = (c[2.0] + c0[2.0]) / 2, full["n_examples"]
-    assert 0 < c[2.0] - c0[2.0] < 2 * (2 * p * (1 - p) / n) ** 0.5
+    assert 0 < c[2.0] - c0[2.0] < _two_se(c[2.0], c0[2.0], full["n_examples"])
     cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
     c500 = _cert(cert)
     worsts = {eps: worst_case(sw["evaluations"] + hw["evaluations"], eps) for eps in (2.0, 8.0)}
@@ -463,8 +468,8 @@ def test_width_at_the_same_budget_matches_its_results() -> None:
     cert = {w: _cert(f) for w, f in files.items()}
     _says(f"certify {_pct(cert[4][2.0])}, {_pct(cert[6][2.0])} and {_pct(cert[8][2.0])} at 2/255, within two")
     at2 = [c[2.0] for c in cert.values()]
-    p, n = sum(at2) / 3, files[4]["n_examples"]
-    assert max(at2) - min(at2) < 2 * (2 * p * (1 - p) / n) ** 0.5 and cert[8][2.0] <= cert[4][2.0]
+    assert max(at2) - min(at2) < _two_se(max(at2), min(at2), files[4]["n_examples"])
+    assert cert[8][2.0] <= cert[4][2.0]
     for d in runs.values():
         last = json.loads((RESULTS / d / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["epoch"] == 11 and last["train_acc"] < last["test_acc"]
@@ -475,12 +480,6 @@ def test_width_at_the_same_budget_matches_its_results() -> None:
     long = _cert(_load("ibp_tiny_cpu/w4a4-x4-lr2e3/certified-hw.json"))
     assert long[2.0] > cert[4][2.0]
     _says(f"The 30-epoch width-4 run certifies {_pct(long[2.0])}")
-
-
-def _two_se(a: float, b: float, n: int) -> float:
-    """Two standard errors of the difference of two accuracies, each on ``n`` images."""
-    p = (a + b) / 2
-    return 2 * (2 * p * (1 - p) / n) ** 0.5
 
 
 def test_all_training_images_at_the_same_budget_match_their_results() -> None:
