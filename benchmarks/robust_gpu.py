@@ -139,28 +139,23 @@ TINY = {**CERT, "model": "tiny", "width": 4.0, "lr": 0.002, "batch_size": 128}
 CERT_EPS = (1.0, 2.0, 4.0, 8.0)
 
 
+def _cert_pair(prefix: str, base: dict[str, Any]) -> list[Step]:
+    """One network's certified runs: w4a4 then w2a2, each trained then certified on the accelerator, then
+    each one's empirical worst case at 2 and 8/255."""
+    runs = [(f"ct-{prefix}w{b}a{b}-ibp", b) for b in (4, 2)]
+    steps = []
+    for run, b in runs:
+        steps += [Step("train", run, {**base, "wbits": b, "abits": b}), Step("cert", run, eps=2.0)]
+    return steps + [Step("eval", run, eps=e) for e in (2.0, 8.0) for run, _ in runs]
+
+
 def plan_cert() -> list[Step]:
     """Certified training on every training image: the tiny model first (at CPU scale it certifies twice what
-    the half-width CNV does, ``benchmarks/results/ibp_tiny_cpu/README.md``), w4a4 then w2a2, then the same for
-    the half-width CNV, then the float CNV as the reference (its certificate is the float one the training
-    loop keeps); each quantized model's accelerator certificate, then its empirical worst case."""
+    the half-width CNV does, ``benchmarks/results/ibp_tiny_cpu/README.md``), then the half-width CNV, then
+    the float CNV as the reference (its certificate is the float one the training loop keeps)."""
     return [
-        Step("train", "ct-tiny-w4a4-ibp", {**TINY, "wbits": 4, "abits": 4}),
-        Step("cert", "ct-tiny-w4a4-ibp", eps=2.0),
-        Step("train", "ct-tiny-w2a2-ibp", {**TINY, "wbits": 2, "abits": 2}),
-        Step("cert", "ct-tiny-w2a2-ibp", eps=2.0),
-        Step("eval", "ct-tiny-w4a4-ibp", eps=2.0),
-        Step("eval", "ct-tiny-w4a4-ibp", eps=8.0),
-        Step("eval", "ct-tiny-w2a2-ibp", eps=2.0),
-        Step("eval", "ct-tiny-w2a2-ibp", eps=8.0),
-        Step("train", "ct-w4a4-ibp", {**CERT, "wbits": 4, "abits": 4}),
-        Step("cert", "ct-w4a4-ibp", eps=2.0),
-        Step("train", "ct-w2a2-ibp", {**CERT, "wbits": 2, "abits": 2}),
-        Step("cert", "ct-w2a2-ibp", eps=2.0),
-        Step("eval", "ct-w4a4-ibp", eps=2.0),
-        Step("eval", "ct-w2a2-ibp", eps=2.0),
-        Step("eval", "ct-w4a4-ibp", eps=8.0),
-        Step("eval", "ct-w2a2-ibp", eps=8.0),
+        *_cert_pair("tiny-", TINY),
+        *_cert_pair("", CERT),
         Step("train", "ct-fp-ibp", {**CERT, "wbits": "float", "abits": "float"}),
     ]
 
