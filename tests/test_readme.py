@@ -495,7 +495,7 @@ def test_all_training_images_at_the_same_budget_match_their_results() -> None:
     n = files["w4a4"][0]["n_examples"]
 
     def steps(d: str) -> int:
-        cfg = json.loads((RESULTS / "ibp_tiny_cpu" / d / "config.json").read_text())["train"]
+        cfg = _load(f"ibp_tiny_cpu/{d}/config.json")["train"]
         return -(-(cfg["train_subset"] or 50_000) // cfg["batch_size"]) * cfg["epochs"]
 
     assert abs(steps("w4a4-x4-50k-6") / steps("w4a4-x4-lr2e3") - 1) < 0.02
@@ -542,7 +542,7 @@ def test_more_steps_at_the_full_eps_raise_the_w2a2_certificate_at_8() -> None:
     """Two more epochs at the full eps from the all-images w2a2 run: started from its weights, more certified
     at 8/255 beyond two standard errors, and the most of any committed accelerator certificate at 8/255."""
     d = "ibp_tiny_cpu/w2a2-x4-50k-6"
-    cfg = json.loads((RESULTS / f"{d}-ft2" / "config.json").read_text())["train"]
+    cfg = _load(f"{d}-ft2/config.json")["train"]
     assert cfg["init_from"].endswith("w2a2-x4-50k-6") and not cfg["ibp_init"]
     new, base = _load(f"{d}-ft2/certified-hw.json"), _load(f"{d}/certified-hw.json")
     c, c0 = _cert(new), _cert(base)
