@@ -51,6 +51,23 @@ def _says(*texts: str) -> None:
         assert t in " ".join(README.split()), f"README does not say {t!r} (as the committed result gives it)"
 
 
+def _sound_beside_seven_attacks(d: str) -> tuple[dict[float, float], dict[float, dict[str, Any]], dict[str, Any]]:
+    """A run folder's 500-image certificate beside its seven attacks: the certificate, the per-image worst
+    case at 2 and 8/255 and the accelerator's attack file, after asserting that no attack breaks a certified
+    image and that the certificate lies at or under the worst case."""
+    from hw_dq.robust.evaluate import worst_case
+    from hw_dq.robust.results import certificate_violations
+
+    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
+    c = _cert(cert)
+    worst = {e: worst_case(sw["evaluations"] + hw["evaluations"], e) for e in (2.0, 8.0)}
+    for e, w in worst.items():
+        assert w["n_examples"] == cert["n_examples"] == 500 and len(w["attacks"]) == 7
+        assert c[e] <= w["robust_acc"]
+        assert certificate_violations(cert, sw, e) == [] and certificate_violations(cert, hw, e) == []
+    return c, worst, hw
+
+
 def test_robust_cpu_scale_table_matches_its_results_file() -> None:
     res = _load("robust_cpu.json")
     ev = res["eval"]
@@ -424,21 +441,14 @@ def test_certified_beside_empirical_matches_its_results_and_is_sound_image_by_im
     """The larger-learning-rate tiny run: the README's certificates are the files', the gain over the first
     run at 2/255 stays within two standard errors (what the README says), and on the same 500 images no
     image the certificate accepts is broken by any of the seven attacks (per-image flags)."""
-    from hw_dq.robust.evaluate import worst_case
-    from hw_dq.robust.results import certificate_violations
-
     d = "ibp_tiny_cpu/w4a4-x4-lr2e3"
     full, base = _load(f"{d}/certified-hw.json"), _load("ibp_tiny_cpu/w4a4-x4/certified-hw.json")
     c, c0 = _cert(full), _cert(base)
     _says(f"it keeps {_pct(full['clean_acc'])} clean and certifies", ", ".join(_pct(c[e]) for e in (1.0, 2.0, 4.0)))
     assert 0 < c[2.0] - c0[2.0] < _two_se(c[2.0], c0[2.0], full["n_examples"])
-    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
-    c500 = _cert(cert)
-    worsts = {eps: worst_case(sw["evaluations"] + hw["evaluations"], eps) for eps in (2.0, 8.0)}
+    c500, worsts, _ = _sound_beside_seven_attacks(d)
     for eps, worst in worsts.items():
-        assert worst["n_examples"] == cert["n_examples"] == 500 and len(worst["attacks"]) == 7
         assert c500[eps] < worst["robust_acc"]
-        assert certificate_violations(cert, sw, eps) == [] and certificate_violations(cert, hw, eps) == []
         _says(f"{_pct(c500[eps])} at {eps:g}/255" if eps == 8.0 else f"accepts {_pct(c500[eps])} at 2/255")
     _says(f"leaves {_pct(worsts[2.0]['robust_acc'])} and {_pct(worsts[8.0]['robust_acc'])}")
 
@@ -520,16 +530,10 @@ def test_w2a2_certificate_lies_within_a_point_of_seven_attacks() -> None:
     attacks, the certificate lies under the per-image worst case by at most 1 point at 2/255 (what the README
     says), and Square on the accelerator leaves less than the best gradient attack at 8/255."""
     from hw_dq.robust.evaluate import worst_case
-    from hw_dq.robust.results import certificate_violations
 
     d = "ibp_tiny_cpu/w2a2-x4-50k-6"
-    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
-    c = _cert(cert)
-    worst = {e: worst_case(sw["evaluations"] + hw["evaluations"], e) for e in (2.0, 8.0)}
-    for e, w in worst.items():
-        assert w["n_examples"] == cert["n_examples"] == 500 and len(w["attacks"]) == 7
-        assert c[e] <= w["robust_acc"]
-        assert certificate_violations(cert, sw, e) == [] and certificate_violations(cert, hw, e) == []
+    c, worst, hw = _sound_beside_seven_attacks(d)
+    sw = _load(f"{d}/robustness.json")
     assert worst[2.0]["robust_acc"] - c[2.0] <= 0.01 + 1e-9
     gradient = worst_case(sw["evaluations"], 8.0)["robust_acc"]
     square = next(v["robust_acc"] for v in hw["evaluations"] if v["attack"] == "square" and v["eps"] == 8.0)
@@ -581,16 +585,8 @@ def test_longer_at_the_full_eps_helps_w4a4_and_training_at_8_costs_w2a2() -> Non
 def test_full_eps_fine_tunes_are_sound_beside_seven_attacks(run: str) -> None:
     """Each full-eps fine-tune on 500 images: no certified image broken by any of the seven attacks, the
     certificate under the per-image worst case, and the README's figures the files' figures."""
-    from hw_dq.robust.evaluate import worst_case
-    from hw_dq.robust.results import certificate_violations
-
-    d = f"ibp_tiny_cpu/{run}"
-    cert, sw, hw = (_load(f"{d}/{name}.json") for name in ("certified-hw-500", "robustness", "robustness-hw"))
-    c = _cert(cert)
-    worst = {e: worst_case(sw["evaluations"] + hw["evaluations"], e)["robust_acc"] for e in (2.0, 8.0)}
-    for e in worst:
-        assert certificate_violations(cert, sw, e) == [] and certificate_violations(cert, hw, e) == []
-        assert c[e] <= worst[e]
+    c, entries, _ = _sound_beside_seven_attacks(f"ibp_tiny_cpu/{run}")
+    worst = {e: w["robust_acc"] for e, w in entries.items()}
     if run.startswith("w2a2"):
         assert worst[2.0] - c[2.0] < 0.01
         _says(f"leave the w2a2 accelerator {_pct(worst[2.0])} at 2/255 and {_pct(worst[8.0])} at 8/255 "
