@@ -594,3 +594,14 @@ def test_full_eps_fine_tunes_are_sound_beside_seven_attacks(run: str) -> None:
     else:
         assert worst[2.0] < 0.40
         _says(f"the w4a4 one {_pct(worst[2.0])} at 2/255 against a certified {_pct(c[2.0])}")
+
+
+def test_a_second_w2a2_full_eps_fine_tune_gains_nothing() -> None:
+    """Two more full-eps epochs from the w2a2 fine-tune: started from it, and its certificate at 8/255 not
+    above the fine-tune's (within two standard errors), as the README says."""
+    d = "ibp_tiny_cpu/w2a2-x4-50k-6-ft2"
+    assert _load(f"{d}-ft2/config.json")["train"]["init_from"].endswith("w2a2-x4-50k-6-ft2")
+    new, base = _load(f"{d}-ft2/certified-hw.json"), _load(f"{d}/certified-hw.json")
+    c, c0 = _cert(new), _cert(base)
+    assert c[8.0] <= c0[8.0] and c0[8.0] - c[8.0] < _two_se(c[8.0], c0[8.0], new["n_examples"])
+    _says(f"Two further epochs at 2.2/255 on the w2a2 fine-tune certify {_pct(c[8.0])} at 8/255, no more than before")
