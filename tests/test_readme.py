@@ -609,3 +609,26 @@ def test_a_second_w2a2_full_eps_fine_tune_gains_nothing() -> None:
     c, c0 = _cert(new), _cert(base)
     assert c[8.0] <= c0[8.0] and c0[8.0] - c[8.0] < _two_se(c[8.0], c0[8.0], new["n_examples"])
     _says(f"Two further epochs at 2.2/255 on the w2a2 fine-tune certify {_pct(c[8.0])} at 8/255, no more than before")
+
+
+def test_three_ibp_knobs_leave_the_2_255_certificate_within_two_standard_errors() -> None:
+    """The clean-loss weight, 8-bit first and last layers and a smaller training eps: each run differs from the
+    12-epoch width-4 run in its one option, none moves the certificate at 2/255 beyond two standard errors, and
+    kappa 0.5 and training at 1.5/255 certify less at 4/255 beyond them, as the results README says."""
+    d = "ibp_tiny_cpu/w4a4-x4-12"
+    base_cfg, base = _load(f"{d}/config.json")["train"], _load(f"{d}/certified-hw.json")
+    c0, n = _cert(base), base["n_examples"]
+    text = " ".join((RESULTS / "ibp_tiny_cpu" / "README.md").read_text().split())
+    changes = {"k05": ("ibp_kappa", 0.5), "k0": ("ibp_kappa", 0.0), "e8": ("end_bits", 8), "eps15": ("adv_eps", 1.5)}
+    c = {}
+    for tag, (key, value) in changes.items():
+        cfg = _load(f"{d}-{tag}/config.json")["train"]
+        assert {k for k in cfg if cfg[k] != base_cfg.get(k)} == {key} and cfg[key] == value
+        new = _load(f"{d}-{tag}/certified-hw.json")
+        c[tag] = _cert(new)
+        assert abs(c[tag][2.0] - c0[2.0]) < _two_se(c[tag][2.0], c0[2.0], n) and c[tag][2.0] < 0.4
+        row = " | ".join(_pct(c[tag][e]) for e in (1.0, 2.0, 4.0, 8.0))
+        assert f"(`w4a4-x4-12-{tag}/`) | {_pct(new['clean_acc'])} | {row} |" in text
+    for tag in ("k05", "eps15"):  # less at 4/255, beyond two standard errors
+        assert c0[4.0] - c[tag][4.0] > _two_se(c[tag][4.0], c0[4.0], n)
+    assert c["e8"][1.0] > c0[1.0] and c["e8"][2.0] > c0[2.0]  # the largest gains at small eps, within 2 SE
