@@ -195,6 +195,9 @@ def test_cert_arm_trains_the_cpu_recipe_and_reports_certificates_beside_the_wors
     for s in trains:
         cfg = TrainConfig(**s.cfg)
         assert cfg.adv_train == "ibp" and cfg.ibp_relax_input and cfg.ibp_relu_grad and cfg.train_subset is None
+    ends = [s for s in trains if s.cfg.get("end_bits") == 8]  # the CPU runs' best w2a2 certificate: 8-bit ends
+    assert [(s.run, s.cfg["wbits"], s.cfg["model"]) for s in ends] == [("ct-tiny-w2a2e8-ibp", 2, "tiny")]
+    assert [s.run for s in steps if s.kind == "cert"].count("ct-tiny-w2a2e8-ibp") == 1
     res = {"train": {}, "eval": {}, "hw": {}, "cert": {}}
     cert = next(s for s in steps if s.kind == "cert")
     assert not robust_gpu._ready(cert, res)
