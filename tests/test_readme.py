@@ -669,3 +669,21 @@ def test_8_bit_end_accelerators_are_sound_beside_seven_attacks(run: str) -> None
         assert square == worst[2.0]["robust_acc"] < gradient
         _says(f"its certificate ({_pct(c[2.0])} at 2/255) sits under Square's {_pct(square)} on the accelerator, "
               f"where the best gradient attack leaves {_pct(gradient)}")  # fmt: skip
+
+
+def test_the_shipped_certified_config_is_the_measured_run() -> None:
+    """``certified_cpu`` loads to exactly the training config of the run whose certificate it quotes, and its
+    description and the README quote that run's figures."""
+    from dataclasses import asdict
+
+    from hw_dq.train.config import load_config
+
+    d = "ibp_tiny_cpu/w2a2-x4-12-e8"
+    run = _load(f"{d}/config.json")["train"]
+    assert asdict(load_config("certified_cpu", data_dir=run["data_dir"])) == run
+    cert = _load(f"{d}/certified-hw.json")
+    c = _cert(cert)
+    about = json.loads((ROOT / "hw_dq" / "configs" / "certified_cpu.json").read_text())["_about"]
+    figures = "/".join(f"{100 * c[e]:.1f}" for e in (1.0, 2.0, 4.0, 8.0))
+    assert f"{_pct(cert['clean_acc'])} clean, certified {figures}%" in about
+    _says(f"measured {_pct(cert['clean_acc'])} clean and {_pct(c[2.0])} certified at 2/255 on the accelerator")
