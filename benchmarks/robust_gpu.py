@@ -139,7 +139,7 @@ TINY = {**CERT, "model": "tiny", "width": 4.0, "lr": 0.002, "batch_size": 128}
 CERT_EPS = (1.0, 2.0, 4.0, 8.0)
 
 
-def _cert_pair(prefix: str, base: dict[str, Any], end_bits: bool = False) -> list[Step]:
+def _cert_runs(prefix: str, base: dict[str, Any], end_bits: bool = False) -> list[Step]:
     """One network's certified runs: w4a4 then w2a2 (``end_bits``: then w2a2 with 8-bit first and last
     layers), each trained then certified on the accelerator, then each one's empirical worst case at 2 and
     8/255."""
@@ -155,8 +155,8 @@ def plan_cert() -> list[Step]:
     the half-width CNV does, ``benchmarks/results/ibp_tiny_cpu/README.md``), then the half-width CNV, then
     the float CNV as the reference (its certificate is the float one the training loop keeps)."""
     return [
-        *_cert_pair("tiny-", TINY, end_bits=True),
-        *_cert_pair("", CERT),
+        *_cert_runs("tiny-", TINY, end_bits=True),
+        *_cert_runs("", CERT),
         Step("train", "ct-fp-ibp", {**CERT, "wbits": "float", "abits": "float"}),
     ]
 
