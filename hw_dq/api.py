@@ -292,24 +292,37 @@ def certify(
     run_dir: RunLike,
     eps: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
     *,
+    on: str = "hw",
     board: str | None = None,
     n: int | None = None,
     seed: int = 0,
-    name: str = "certified-hw",
+    name: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Certified accuracy of a run's accelerator per Linf radius (``hw-dq certify``).
+    """Certified accuracy of a run's accelerator (``on="hw"``) or PyTorch model (``"sw"``) per Linf radius
+    (``hw-dq certify``).
 
-    Sound interval bounds propagated through the build's exact integer arithmetic: a lower
-    bound on the robust accuracy under every attack. ``eps`` in units of 1/255. Writes
-    ``RUN_DIR/attacks/<name>.json`` and returns it (``certified``: one row per eps).
+    ``hw``: sound interval bounds propagated through the build's exact integer arithmetic, a lower bound
+    on the robust accuracy under every attack; ``sw``: the float interval bounds of the PyTorch model (a
+    float run has no build). ``eps`` in units of 1/255. Writes ``RUN_DIR/attacks/<name>.json`` (default
+    ``certified-hw`` or ``certified-sw``) and returns it (``certified``: one row per eps).
     """
+    if on == "sw":
+        from hw_dq.robust.certified import certify_model_run
+
+        if board is not None:
+            raise ConfigError("a board names an accelerator build; certifying the PyTorch model (on sw) takes none: "
+                              "drop --board")  # fmt: skip
+        return certify_model_run(_path(run_dir), list(eps), n=n, seed=seed, name=name or "certified-sw", data=data,
+                                 data_dir=data_dir, progress=progress)  # fmt: skip
+    if on != "hw":
+        raise ConfigError(f"unknown target on={on!r}; use 'hw' (the accelerator) or 'sw' (the PyTorch model)")
     from hw_dq.fpga.certify import certify_run
 
-    return certify_run(_path(run_dir), list(eps), board=board, n=n, seed=seed, name=name, data=data,
-                       data_dir=data_dir, progress=progress)  # fmt: skip
+    return certify_run(_path(run_dir), list(eps), board=board, n=n, seed=seed, name=name or "certified-hw",
+                       data=data, data_dir=data_dir, progress=progress)  # fmt: skip
 
 
 def faults(run_dir: RunLike, *, progress: bool = False, **options: Any) -> dict[str, Any]:

@@ -43,3 +43,7 @@ class ExportError(HwDqError):
 
 class BuildError(HwDqError):
     """The model cannot be built by FINN (not QONNX, float, unmappable, does not streamline)."""
+
+
+class CertifyError(HwDqError):
+    """Bad certification input, or a graph op without interval semantics."""

@@ -1,4 +1,4 @@
-"""Interval certification of the accelerator is sound: no point, attack or layer escapes its bounds."""
+"""Interval certification is sound, on the accelerator and on the PyTorch model: no point or attack escapes it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
@@ -17,6 +18,8 @@ from hw_dq.fpga.build import build_run
 from hw_dq.fpga.certify import CertifyError, IntervalCertifier
 from hw_dq.fpga.hwattack import craft, find_build, load_simulator, uint8_grid
 from hw_dq.fpga.sim import HwSimulator
+from hw_dq.robust.attacks import craft as craft_sw
+from hw_dq.robust.certified import certify_model
 from hw_dq.run import load_model
 from hw_dq.train.loop import TrainConfig, train
 from tests.conftest import assert_one_line_error, run_cli, run_cli_here
@@ -196,3 +199,58 @@ def test_a_label_head_is_certified_on_its_scores():
     # at 75 levels class 1 can fall to 125 and class 3 rise to 125: a tie, which the lower index (1) wins
     assert cert.certify(img, y, 75).certified.tolist() == [True, False]
     assert cert.certify(img, y, 76).certified.tolist() == [False, False]
+
+
+def test_the_models_float_certificate_is_sound(setup, tiny_build):
+    """``certify --on sw``'s bounds: at eps 0 exactly the model's correct images, shrinking with eps, and no
+    point of the box (random, corners) and no attack through the quantizers breaks an image they certify."""
+    _, _, xu, y = setup
+    model, _ = load_model(tiny_build)
+    x, yt = torch.from_numpy(xu / 255.0).float(), torch.from_numpy(y)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == yt
+    sets = [certify_model(model, x, yt, e) for e in (0, 1, 2)]
+    assert torch.equal(sets[0], correct)
+    for big, small in zip(sets, sets[1:], strict=False):
+        assert not (small & ~big).any(), "a larger box certified an image a smaller one did not"
+    ok = sets[2]
+    idx = torch.nonzero(ok).flatten()
+    assert len(idx) >= 5, "nothing certified at 2/255: the soundness checks would be vacuous"
+    gen = torch.Generator().manual_seed(0)
+    base = xu[idx.numpy()].repeat(24, axis=0)
+    for delta in (
+        torch.randint(-2, 3, base.shape, generator=gen),
+        2 * (2 * torch.randint(0, 2, base.shape, generator=gen) - 1),
+    ):
+        pts = torch.from_numpy(np.clip(base + delta.numpy(), 0, 255) / 255.0).float()
+        with torch.no_grad():
+            assert (model(pts).argmax(1) == yt[idx].repeat_interleave(24)).all()
+    adv = craft_sw(model, x, yt, "apgd-ce", 2.0, seed=0).x_adv
+    assert (adv - x).abs().max() <= 2 / 255 + 1e-6
+    with torch.no_grad():
+        robust = correct & (model(adv).argmax(1) == yt)
+    assert not (ok & ~robust).any(), "APGD-CE broke an image the float bounds certify"
+    assert ok.float().mean() <= robust.float().mean()
+
+
+def test_cli_certify_on_sw_certifies_a_float_run(tmp_path):
+    """A float run has no FINN build: ``--on hw`` refuses it in one line, ``--on sw`` certifies it; bad input
+    gets one line, exit 2."""
+    from hw_dq.robust.results import load
+
+    run = tmp_path / "fp"
+    train(TrainConfig(model="tiny", wbits=None, abits=None, epochs=1, batch_size=64, train_subset=512,
+                      test_subset=32), run, progress=False)  # fmt: skip
+    assert_one_line_error(run_cli_here("certify", str(run), "--n", "4"), "no FINN build")
+    ok = run_cli_here("certify", str(run), "--on", "sw", "--eps", "0,1,8", "--n", "64", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    (r,) = load([run / "attacks" / "certified-sw.json"])
+    assert r["target"] == "sw-certified" and r["sanity"]["verdict"] == "pass" and r["wbits"] is None
+    accs = [b["certified_acc"] for b in r["certified"]]
+    assert accs[0] == r["clean_acc"] > 0 and accs[0] >= accs[1] >= accs[2]
+    assert [e["robust_mask"].count("1") for e in r["evaluations"]] == [b["n_certified"] for b in r["certified"]]
+    assert r["headline"]["robust_acc"] == accs[2] and "worst_case" not in r
+    for bad, needle in (("--eps=-1", "invalid eps"), ("--eps=nan", "invalid eps"), ("--n=0", "invalid --n")):
+        assert_one_line_error(run_cli_here("certify", str(run), "--on", "sw", bad), needle)
+    assert_one_line_error(run_cli_here("certify", str(run), "--on", "sw", "--board", "Pynq-Z1"), "drop --board")
+    assert_one_line_error(run_cli_here("certify", str(tmp_path / "nope"), "--on", "sw"), "not a run directory")

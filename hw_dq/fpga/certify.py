@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from hw_dq.errors import HwDqError
+from hw_dq.errors import CertifyError
 from hw_dq.fpga.sim import EXACT_FLOAT32, HwSimulator, Step, _attrs, _base_op, _exact_fp32
 
 # ops whose point function, applied to both ends of an interval, gives its exact image (monotone
@@ -50,10 +50,6 @@ TERMINAL = ("LabelSelect", "TopK")  # the argmax head: decided from the bounds b
 THRESHOLDED = ("MVAU", "MultiThreshold", "Thresholding")
 COVERED = (*MONOTONE, *ELEMENTWISE, *TERMINAL, "MVAU", "MatMul", "MultiThreshold", "Pool")
 F32_MARGIN = 2.0**-21  # eight float32 roundings (relative 2^-24 each) per logit
-
-
-class CertifyError(HwDqError):
-    """Bad certification input, or a graph op without interval semantics."""
 
 
 @dataclass
@@ -406,15 +402,6 @@ def widths_table(batch: CertifyBatch, levels: dict[str, float], eps: float) -> l
 
 # ------------------------------------------------------------------ a run's accelerator, as a result file
 # (the run-level writer lives here, beside the certifier, so the module passes ~400 lines: one stage, one file)
-def _check_eps(eps: list[float]) -> list[float]:
-    if not eps:
-        raise CertifyError("no eps given: pass --eps as levels of 1/255, e.g. 1,2,4,8")
-    for e in eps:
-        if not (math.isfinite(e) and 0 <= e <= 255):
-            raise CertifyError(f"invalid eps {e}: must lie in [0, 255] (levels of the UINT8 input)")
-    return [float(e) for e in eps]
-
-
 def certify_run(
     run_dir: str | Path,
     eps: list[float],
@@ -436,9 +423,10 @@ def certify_run(
     from hw_dq.fpga.hwattack import bare_build, bare_source, bare_test_set, find_build, load_simulator, uint8_grid
     from hw_dq.provenance import provenance
     from hw_dq.robust import results as res
+    from hw_dq.robust.certified import check_eps
     from hw_dq.version import __version__
 
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     if n is not None and n <= 0:
         raise CertifyError(f"invalid --n {n}: must be positive")
     run = Path(run_dir)
