@@ -96,7 +96,10 @@ def test_the_float_twin_certifies_more_than_the_w4a4_accelerator() -> None:
         w = worst_case(att["evaluations"], e)
         assert w["n_examples"] == 500 and len(w["attacks"]) == 6 and c500[e] <= w["robust_acc"]
         assert certificate_violations(cert500, att, e) == []
-    _results_says(D, f"{_pct(fp['clean_acc'])} | {' | '.join(_pct(c[e]) for e in (1.0, 2.0, 4.0, 8.0))} |")
+    _results_says(D, f"{_pct(fp['clean_acc'])} | {' | '.join(_pct(c[e]) for e in (1.0, 2.0, 4.0, 8.0))} |",
+                  f"is {_pct(worst_case(att['evaluations'], 2.0)['robust_acc'])} at 2/255 and "
+                  f"{_pct(worst_case(att['evaluations'], 8.0)['robust_acc'])} at 8/255 (certified on the same images: "
+                  f"{_pct(c500[2.0])} and {_pct(c500[8.0])}")  # fmt: skip
 
 
 def test_the_best_w2a2_certificates_are_sound_beside_seven_attacks() -> None:
