@@ -254,3 +254,9 @@ def test_cli_certify_on_sw_certifies_a_float_run(tmp_path):
         assert_one_line_error(run_cli_here("certify", str(run), "--on", "sw", bad), needle)
     assert_one_line_error(run_cli_here("certify", str(run), "--on", "sw", "--board", "Pynq-Z1"), "drop --board")
     assert_one_line_error(run_cli_here("certify", str(tmp_path / "nope"), "--on", "sw"), "not a run directory")
+    model, _ = load_model(run)
+    x, y = load_split("sample", "test").take(8, seed=0).tensors()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(CertifyError, match="not finite"):
+        certify_model(model, x, y, 1.0)

@@ -54,7 +54,8 @@ def _certify_sw(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the ``certify`` verb to the ``hw-dq`` sub-parsers."""
-    c = sub.add_parser("certify", help="certified accuracy of the built accelerator (interval bounds, exact integers)")
+    c = sub.add_parser("certify", help="certified accuracy of the built accelerator (interval bounds, exact "
+                       "integers) or, with --on sw, of the PyTorch model (float bounds)")  # fmt: skip
     c.add_argument("run_dir")
     c.add_argument("--on", choices=("hw", "sw"), default="hw",
                    help="hw: the accelerator's FINN build, integer bounds (default); sw: the PyTorch model, float "

@@ -8,7 +8,7 @@ result is the certificate of a float run, and for a quantized run a second opini
 
 Sound for the PyTorch model up to floating-point rounding: every quantizer's input interval is widened
 by :data:`hw_dq.nn.ibp.SLACK` first, so that rounding never flips a level. The accelerator's integer
-certificate (:mod:`hw_dq.fpga.certify`) has no such caveat; this one is for the model that has none.
+certificate (:mod:`hw_dq.fpga.certify`) has no such caveat; prefer it wherever the run has a build.
 """
 
 from __future__ import annotations
