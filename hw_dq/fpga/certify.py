@@ -497,12 +497,11 @@ def certify_run(
 
 def describe(r: dict[str, Any]) -> str:
     """Markdown: certified accuracy per eps and the per-layer interval growth."""
+    from hw_dq.robust.certified import certified_rows
+
     lines = [f"# Certified robustness of the accelerator: {r['run_dir']} ({r['name']})", "",
              f"Build `{r['build_dir']}`, {r['n_examples']} {r['dataset']} test images, clean accuracy "
-             f"(accelerator) {100 * r['clean_acc']:.1f}%.", "",
-             "| eps (1/255) | certified acc | certified | bound time s |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {b['eps']:g} | {100 * b['certified_acc']:.1f}% | {b['n_certified']} | {b['bound_s']:.3f} |"
-              for b in r["certified"]]  # fmt: skip
+             f"(accelerator) {100 * r['clean_acc']:.1f}%.", "", *certified_rows(r)]  # fmt: skip
     lines += ["", "Per thresholded layer: mean interval width (output levels), as a fraction of the layer's range, "
               "and its growth over the input box's relative width.", "",
               "| eps | layer | mean width | relative | growth |", "|---|---|---|---|---|"]  # fmt: skip

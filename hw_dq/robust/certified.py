@@ -126,12 +126,16 @@ def certify_model_run(
     return result
 
 
+def certified_rows(r: dict[str, Any]) -> list[str]:
+    """Markdown table lines of a certificate's ``certified`` block (either target): one row per eps."""
+    rows = ["| eps (1/255) | certified acc | certified | bound time s |", "|---|---|---|---|"]
+    return rows + [f"| {b['eps']:g} | {100 * b['certified_acc']:.1f}% | {b['n_certified']} | {b['bound_s']:.3f} |"
+                   for b in r["certified"]]  # fmt: skip
+
+
 def describe(r: dict[str, Any]) -> str:
     """Markdown: certified accuracy per eps."""
     lines = [f"# Certified robustness of the PyTorch model: {r['run_dir']} ({r['name']})", "",
              f"Float interval bounds (eval mode), {r['n_examples']} {r['dataset']} test images (seed {r['seed']}), "
-             f"clean accuracy {100 * r['clean_acc']:.1f}%.", "",
-             "| eps (1/255) | certified acc | certified | bound time s |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {b['eps']:g} | {100 * b['certified_acc']:.1f}% | {b['n_certified']} | {b['bound_s']:.3f} |"
-              for b in r["certified"]]  # fmt: skip
+             f"clean accuracy {100 * r['clean_acc']:.1f}%.", "", *certified_rows(r)]  # fmt: skip
     return "\n".join(lines) + "\n"
