@@ -117,3 +117,19 @@ def test_the_best_w2a2_certificates_are_sound_beside_seven_attacks() -> None:
     _says(f"seven attacks leave it {_pct(worst[2.0]['robust_acc'])} at 2/255 against a certified {_pct(c[2.0])} "
           f"and break no certified image: its robustness there is known to within "
           f"{100 * (worst[2.0]['robust_acc'] - c[2.0]):.1f} points")  # fmt: skip
+
+
+def test_the_all_images_float_twin_certifies_more_at_2_and_less_at_8() -> None:
+    """The float twin of ``w4a4-x4-50k-6`` (only the bit widths differ): more certified at 2/255 than the w4a4
+    and the 8-bit-end w2a2 accelerators beyond two standard errors, less at 8/255 than the w2a2 one, under 40%."""
+    cfg, base = (_load(f"{D}/{r}/config.json")["train"] for r in ("fp-x4-50k-6", "w4a4-x4-50k-6"))
+    assert {k for k in cfg if cfg[k] != base.get(k)} == {"wbits", "abits"} and cfg["wbits"] is None
+    fp = _load(f"{D}/fp-x4-50k-6/certified-sw.json")
+    c, n = _cert(fp), fp["n_examples"]
+    w4, w2 = (_cert(_load(f"{D}/{r}/certified-hw.json")) for r in ("w4a4-x4-50k-6", "w2a2-x4-50k-6-e8"))
+    for q in (w4, w2):
+        assert c[2.0] - q[2.0] > _two_se(c[2.0], q[2.0], n)
+    assert w2[8.0] - c[8.0] > _two_se(c[8.0], w2[8.0], n) and c[2.0] < 0.40
+    _results_says(D, f"certifies {_pct(fp['clean_acc'])} clean, "
+                  f"{' / '.join(f'{100 * c[e]:.1f}' for e in (1.0, 2.0, 4.0, 8.0))}% at 1 / 2 / 4 / 8/255")  # fmt: skip
+    _says(f"certifies {_pct(c[2.0])} at 2/255 against the w4a4 accelerator's {_pct(w4[2.0])}")
