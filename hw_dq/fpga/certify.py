@@ -423,12 +423,10 @@ def certify_run(
     from hw_dq.fpga.hwattack import bare_build, bare_source, bare_test_set, find_build, load_simulator, uint8_grid
     from hw_dq.provenance import provenance
     from hw_dq.robust import results as res
-    from hw_dq.robust.certified import check_eps
+    from hw_dq.robust.certified import check_request
     from hw_dq.version import __version__
 
-    eps = check_eps(eps)
-    if n is not None and n <= 0:
-        raise CertifyError(f"invalid --n {n}: must be positive")
+    eps = check_request(eps, n)
     run = Path(run_dir)
     bare = bare_build(run)  # a user's own QONNX built with 'build --onnx': no hw-dq run around it
     if not bare and not (run / rd.CONFIG).is_file():

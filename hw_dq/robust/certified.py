@@ -25,8 +25,11 @@ from hw_dq.errors import CertifyError
 BATCH = 250  # images per bound pass: a few MB of intervals for the tiny and CNV models
 
 
-def check_eps(eps: list[float]) -> list[float]:
-    """The radii as floats, each in [0, 255] levels of the UINT8 input; else one line that says so."""
+def check_request(eps: list[float], n: int | None) -> list[float]:
+    """A certificate's radii as floats, each in [0, 255] levels of the UINT8 input, and a positive ``n`` (or
+    None: every test image); else one line that says what is wrong."""
+    if n is not None and n <= 0:
+        raise CertifyError(f"invalid --n {n}: must be positive")
     if not eps:
         raise CertifyError("no eps given: pass --eps as levels of 1/255, e.g. 1,2,4,8")
     for e in eps:
@@ -71,11 +74,8 @@ def certify_model_run(
     widths in output levels (a float model has no levels)."""
     from hw_dq import run as rd
     from hw_dq.robust import evaluate as ev
-    from hw_dq.robust import results as res
 
-    eps = check_eps(eps)
-    if n is not None and n <= 0:
-        raise CertifyError(f"invalid --n {n}: must be positive")
+    eps = check_request(eps, n)
     run = Path(run_dir)
     if not (run / rd.CONFIG).is_file():
         raise CertifyError(f"{run} is not a run directory (no {rd.CONFIG}); train one with 'hw-dq train'")
@@ -93,13 +93,14 @@ def certify_model_run(
         t0 = time.perf_counter()
         cert = certify_model(model, x, y, e)
         wall = time.perf_counter() - t0
-        acc = int(cert.sum()) / len(y) if len(y) else 0.0  # exact: a count over n, not a float32 mean
-        blocks.append({"eps": e, "certified_acc": acc, "n_certified": int(cert.sum()), "bound_s": round(wall, 4)})
+        k = int(cert.sum())
+        acc = k / len(y) if len(y) else 0.0  # exact: a count over n, not a float32 mean
+        blocks.append({"eps": e, "certified_acc": acc, "n_certified": k, "bound_s": round(wall, 4)})
         evals.append(ev.evaluation(
             "interval-certificate", "white", "Linf", e, acc, len(y), seed, wall, float(math.floor(e + 1e-9)),
             {"method": "float interval bounds through the PyTorch model (hw_dq.nn.ibp), eval mode",
              "sound": "up to floating-point rounding", "last_layer": "logit differences"},
-            {"n_certified": int(cert.sum()), "bound_s": round(wall, 4)},
+            {"n_certified": k, "bound_s": round(wall, 4)},
             robust_mask="".join("1" if v else "0" for v in cert.tolist()),
         ))  # fmt: skip
         if progress:
@@ -115,12 +116,8 @@ def certify_model_run(
         name=name, run_dir=run, cfg=cfg, dataset=ds.name, n=len(y), seed=seed,
         clean_acc=int(clean.sum()) / len(y) if len(y) else 0.0, evaluations=evals,
         sanity={"verdict": "pass" if exact0 else "warn", "checks": [check]},
-        extra={"target": "sw-certified", "certified": blocks,
-               "timing": timing},
+        extra={"target": "sw-certified", "certified": blocks, "timing": timing}, per_image_worst=False,
     )  # fmt: skip
-    # one "attack" per eps: the certificate itself is the headline, not a per-image "worst case" of it
-    result["headline"] = res.headline(evals)
-    result.pop("worst_case", None)
     rd.write_json(run / rd.ATTACKS_DIR / f"{name}.json", result)
     rd.write_text(run / rd.ATTACKS_DIR / f"{name}.md", describe(result))
     return result

@@ -18,6 +18,7 @@ from typing import Any
 
 from hw_dq.errors import ConfigError
 from hw_dq.robust.results import HEADLINE_EPS, SCHEMA, describe, now, validate, worst_case, worst_cases
+from hw_dq.robust.results import headline as lowest
 
 WORST_EPS = (2.0, 8.0)  # eps at which the worst case is always reported when evaluated
 
@@ -41,15 +42,17 @@ def headline(evaluations: Sequence[dict], eps: float = HEADLINE_EPS) -> dict[str
     w = worst_case(evaluations, eps)
     if w is not None:
         return {"eps": eps, "robust_acc": w["robust_acc"], "attack": "worst case of " + "+".join(w["attacks"])}
-    from hw_dq.robust.results import headline as lowest
-
     return lowest(evaluations, eps)
 
 
 def record(*, name: str, run_dir: Path, cfg: dict, dataset: str, n: int, seed: int, clean_acc: float,
            evaluations: list[dict], sanity: dict, defense: str | None = None, target: str = "sw",
-           extra: dict | None = None, device: str | None = "cpu") -> dict[str, Any]:  # fmt: skip
-    """The validated results-file object (schema :data:`hw_dq.robust.results.SCHEMA`)."""
+           extra: dict | None = None, device: str | None = "cpu",
+           per_image_worst: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The validated results-file object (schema :data:`hw_dq.robust.results.SCHEMA`).
+
+    ``per_image_worst`` False: the evaluations are not attacks to combine (a certificate, one per eps), so the
+    headline is the lowest one at the headline eps and no ``worst_case`` is written."""
     from hw_dq.provenance import provenance
     from hw_dq.version import __version__
 
@@ -63,7 +66,8 @@ def record(*, name: str, run_dir: Path, cfg: dict, dataset: str, n: int, seed: i
         "adv_train": adv, "adv_eps": tr.get("adv_eps") if adv != "none" else None, "defense": defense,
         "dataset": dataset, "split": "test", "n_examples": int(n), "seed": int(seed),
         "threat_model": "Linf", "eps_units": "1/255", "clean_acc": float(clean_acc), "evaluations": evaluations,
-        "headline": headline(evaluations), "worst_case": worst_cases(evaluations), "sanity": sanity,
+        "headline": headline(evaluations) if per_image_worst else lowest(evaluations),
+        **({"worst_case": worst_cases(evaluations)} if per_image_worst else {}), "sanity": sanity,
         **({"target": "hw"} if target == "hw" else {}), **(extra or {}),
         "provenance": provenance(device, seed),
     }  # fmt: skip
